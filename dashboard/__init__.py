@@ -1,0 +1,1 @@
+"""smartswitch: switch a lab GPU box between vLLM models, with real progress and a dashboard."""

@@ -1,0 +1,282 @@
+"""The orchestrator's thread-safe port: its own loop in one thread; snapshots, actions, event streams.
+
+Panel's loop, a Jupyter kernel's loop and test code all talk to it the same way: actions go through
+``run_coroutine_threadsafe``, events come back on the subscriber's own loop via ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dashboard.config import Config, ConfigError, ModelSpec, load_config
+from dashboard.engines.base import Engine
+from dashboard.engines.process import ProcessEngine, free_port
+from dashboard.events import Event, StatusEvent, SwitchEvent, is_terminal
+from dashboard.gpu.base import GpuMonitor
+from dashboard.gpu.nvml import NvmlGpu, find_nvml_gpu
+from dashboard.gpu.virtual import VirtualGpu
+from dashboard.orchestrator.history import History
+from dashboard.orchestrator.switcher import EngineFactory, Orchestrator
+
+T = TypeVar("T")
+CONFIG_ENV = "SMARTSWITCH_CONFIG"
+DATA_DIR_ENV = "SMARTSWITCH_DATA_DIR"
+
+
+def make_gpu(config: Config) -> GpuMonitor:
+    """The GPU source the config asks for; ``auto`` prefers NVML when a GPU is there."""
+    if config.gpu.source == "virtual":
+        return VirtualGpu(config.gpu.total_gb or 0.0)
+    if config.gpu.source == "nvml":
+        return NvmlGpu()
+    nvml = find_nvml_gpu()
+    if nvml is not None:
+        return nvml
+    if config.gpu.total_gb is None:
+        raise ConfigError(f"{config.source}: [gpu] source = \"auto\" found no NVIDIA GPU; "
+                          "set source = \"virtual\" and total_gb to run without one")
+    return VirtualGpu(config.gpu.total_gb)
+
+
+def make_engine_factory(config: Config, data_dir: Path, gpu_total_gb: float | None) -> EngineFactory:
+    def factory(spec: ModelSpec, port: int | None, ref: str | None) -> Engine:
+        options = {"stall_timeout_s": config.switching.stall_timeout_s,
+                   "health_interval_s": config.switching.health_interval_s}
+        if spec.runtime == "docker":
+            from dashboard.engines.docker import DockerEngine
+
+            return DockerEngine(spec, port or free_port(), container_id=ref, gpu_total_gb=gpu_total_gb,
+                                instance=str(data_dir), **options)
+        return ProcessEngine(spec, port or free_port(), data_dir / "logs", gpu_total_gb=gpu_total_gb,
+                             pid=int(ref) if ref else None, **options)
+    return factory
+
+
+class OrchestratorPort:
+    """Thread-safe access to the one orchestrator of this process."""
+
+    def __init__(self, config: Config, *, data_dir: Path | None = None, gpu: GpuMonitor | None = None,
+                 engine_factory: EngineFactory | None = None) -> None:
+        self.config = config
+        self.data_dir = Path(data_dir) if data_dir is not None else config.data_dir
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        gpu = gpu or make_gpu(config)
+        self.history = History(self.data_dir / "smartswitch.sqlite")
+        # Real GPUs get --gpu-memory-utilization computed from each model's share of the total.
+        gpu_total = gpu.read([]).total_gb if gpu.source == "nvml" else None
+        factory = engine_factory or make_engine_factory(config, self.data_dir, gpu_total)
+        self.loop = asyncio.new_event_loop()
+        self.core = Orchestrator(config, gpu, self.history, factory)
+        self._thread = threading.Thread(target=self.loop.run_forever, name="smartswitch-orchestrator",
+                                        daemon=True)
+        self._closed = False
+
+    # Lifecycle --------------------------------------------------------------------------------
+    def start(self) -> OrchestratorPort:
+        self._thread.start()
+        self._run(self.core.start(), timeout=120)
+        atexit.register(self.close)
+        return self
+
+    def close(self, stop_engines: bool = True) -> None:
+        """Stop every engine this orchestrator runs, then its loop; nothing is left behind.
+
+        ``stop_engines=False`` leaves serving engines up for the next start to adopt (a restart).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if stop_engines:
+                self._run(self.core.shutdown(), timeout=120)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+            self.history.close()
+
+    def __enter__(self) -> OrchestratorPort:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Plumbing ---------------------------------------------------------------------------------
+    def _submit(self, coro: Awaitable[T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+
+    def _run(self, coro: Awaitable[T], timeout: float | None = 60) -> T:
+        return self._submit(coro).result(timeout)
+
+    async def _arun(self, coro: Awaitable[T]) -> T:
+        return await asyncio.wrap_future(self._submit(coro))
+
+    def _on_loop(self, fn: Callable[[], T]) -> T:
+        async def call() -> T:
+            return fn()
+        return self._run(call())
+
+    # Reads ------------------------------------------------------------------------------------
+    @property
+    def model_ids(self) -> list[str]:
+        return list(self.config.models)
+
+    def status(self) -> dict[str, Any]:
+        """The latest snapshot (the ``GET /v1/models/status`` shape); cheap, never blocks the loop."""
+        return self.core.snapshot()
+
+    def plan(self, target: str) -> dict[str, Any]:
+        def make() -> dict[str, Any]:
+            the_plan = self.core.plan(target)
+            data = the_plan.as_dict()
+            data["estimated_load_time_seconds"] = round(sum(self.core.expected(target).values()), 1)
+            data["unload_names"] = [self.config.models[m].name for m in the_plan.unload]
+            return data
+        return self._on_loop(make)
+
+    def audit_log(self, limit: int = 200) -> list[dict[str, Any]]:
+        return self.history.audit_log(limit)
+
+    def load_history(self, limit: int = 200) -> list[dict[str, Any]]:
+        return self.history.loads(limit)
+
+    def last_used(self, user: str) -> str | None:
+        return self.history.get(f"last_used:{user}")
+
+    # Actions (sync) ---------------------------------------------------------------------------
+    def switch(self, target: str, actor: str = "api") -> str:
+        return self._run(self.core.switch(target, actor))
+
+    def cancel(self, actor: str = "api") -> bool:
+        return self._run(self.core.cancel(actor), timeout=None)
+
+    def load(self, model_id: str, actor: str = "api") -> None:
+        self._run(self.core.load(model_id, actor), timeout=None)
+
+    def unload(self, model_id: str, actor: str = "api") -> None:
+        self._run(self.core.unload(model_id, actor), timeout=None)
+
+    def sleep(self, model_id: str, actor: str = "api") -> None:
+        self._run(self.core.sleep(model_id, actor), timeout=None)
+
+    def wake(self, model_id: str, actor: str = "api") -> None:
+        self._run(self.core.wake(model_id, actor), timeout=None)
+
+    def set_pinned(self, model_id: str, pinned: bool, actor: str = "api") -> None:
+        self._on_loop(lambda: self.core.set_pinned(model_id, pinned, actor))
+
+    # Actions (async, for callers on another loop: Tornado handlers, notebooks) ----------------
+    async def aswitch(self, target: str, actor: str = "api") -> str:
+        return await self._arun(self.core.switch(target, actor))
+
+    async def acancel(self, actor: str = "api") -> bool:
+        return await self._arun(self.core.cancel(actor))
+
+    async def acall(self, action: str, model_id: str, actor: str = "api") -> None:
+        """Run a model-manager action (load, unload, sleep, wake) without blocking the caller's loop."""
+        method = {"load": self.core.load, "unload": self.core.unload, "sleep": self.core.sleep,
+                  "wake": self.core.wake}[action]
+        await self._arun(method(model_id, actor))
+
+    async def aensure_running(self, model_id: str, actor: str = "api") -> None:
+        """Wait in the visible request queue until ``model_id`` runs, switching to it if needed."""
+        await self._arun(self.core.ensure_running(model_id, actor))
+
+    # Events -----------------------------------------------------------------------------------
+    def subscribe(self, callback: Callable[[Event], None],
+                  loop: asyncio.AbstractEventLoop | None = None) -> Callable[[], None]:
+        """Call ``callback`` with every event, on ``loop`` when given (else on the orchestrator thread)."""
+        if loop is None:
+            unsubscribe = self._on_loop(lambda: self.core.subscribe(callback))
+        else:
+            unsubscribe = self._run(self._subscribe_async(callback, loop))
+
+        def remove() -> None:
+            if not self._closed:
+                self.loop.call_soon_threadsafe(unsubscribe)
+        return remove
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event from now on, on the caller's loop; starts with the current status."""
+        inbox: asyncio.Queue[Event] = asyncio.Queue()
+        unsubscribe = await self._arun(self._subscribe_async(inbox.put_nowait, asyncio.get_running_loop()))
+        try:
+            yield StatusEvent(self.status())
+            while True:
+                yield await inbox.get()
+        finally:
+            unsubscribe()
+
+    async def _subscribe_async(self, callback: Callable[[Event], None],
+                               loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+        def deliver(event: Event) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(callback, event)
+        return self.core.subscribe(deliver)
+
+    async def switch_events(self, target: str, actor: str = "api") -> AsyncIterator[SwitchEvent]:
+        """Start a switch and yield its events until (and including) the terminal one."""
+        inbox: asyncio.Queue[Event] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        async def start() -> tuple[Callable[[], None], str]:
+            # Subscribe and start in one step on the orchestrator loop so no event is missed.
+            unsubscribe = await self._subscribe_async(inbox.put_nowait, loop)
+            return unsubscribe, await self.core.switch(target, actor)
+
+        unsubscribe, switch_id = await self._arun(start())
+        try:
+            while True:
+                event = await inbox.get()
+                if isinstance(event, StatusEvent) or event.switch_id != switch_id:
+                    continue
+                yield event
+                if is_terminal(event):
+                    return
+        finally:
+            self.loop.call_soon_threadsafe(unsubscribe)
+
+    def switch_and_wait(self, target: str, actor: str = "api",
+                        on_event: Callable[[SwitchEvent], None] | None = None,
+                        timeout: float | None = None) -> SwitchEvent:
+        """Switch and block until it ends; returns the terminal event (complete, error or cancelled)."""
+        inbox: queue.Queue[Event] = queue.Queue()
+
+        async def start() -> tuple[Callable[[], None], str]:
+            unsubscribe = self.core.subscribe(inbox.put)
+            return unsubscribe, await self.core.switch(target, actor)
+
+        unsubscribe, switch_id = self._run(start())
+        try:
+            while True:
+                event = inbox.get(timeout=timeout)
+                if isinstance(event, StatusEvent) or event.switch_id != switch_id:
+                    continue
+                if on_event is not None:
+                    on_event(event)
+                if is_terminal(event):
+                    return event
+        finally:
+            self.loop.call_soon_threadsafe(unsubscribe)
+
+
+_lock = threading.Lock()
+_instance: OrchestratorPort | None = None
+
+
+def get_orchestrator() -> OrchestratorPort:
+    """The process-wide orchestrator, configured from SMARTSWITCH_CONFIG / SMARTSWITCH_DATA_DIR."""
+    global _instance
+    with _lock:
+        if _instance is None:
+            config = load_config(os.environ.get(CONFIG_ENV) or None)
+            data_dir = os.environ.get(DATA_DIR_ENV)
+            _instance = OrchestratorPort(config, data_dir=Path(data_dir) if data_dir else None).start()
+        return _instance

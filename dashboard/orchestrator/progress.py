@@ -1,0 +1,137 @@
+"""Overall switch progress and ETA from phases and engine signals: pure, the clock is passed in."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from dashboard.engines import signals as sig
+
+LOAD_PHASES = ("starting", "loading_weights", "initializing", "warming_up")
+PHASES = ("unloading", *LOAD_PHASES)
+
+# Share of a cold load spent in each phase when a model has no history yet (vLLM on GPU boxes).
+FALLBACK_SHARES = {"starting": 0.10, "loading_weights": 0.60, "initializing": 0.15, "warming_up": 0.15}
+DEFAULT_THROUGHPUT_GBPS = 2.0  # used only until a first load has been measured
+FALLBACK_UNLOAD_S = 2.0
+HISTORY_WINDOW = 5
+
+PHASE_TEXT = {
+    "checking_memory": "Checking GPU memory",
+    "unloading": "Unloading models",
+    "starting": "Starting engine",
+    "loading_weights": "Loading weights",
+    "initializing": "Initializing GPU (KV cache)",
+    "warming_up": "Warming up",
+    "ready": "Ready",
+}
+
+
+def phase_of(signal: sig.EngineSignal) -> str | None:
+    """The load phase an engine signal proves we have reached."""
+    match signal:
+        case sig.LoadStarted() | sig.CheckpointSize() | sig.ShardProgress():
+            return "loading_weights"
+        case sig.WeightsLoaded() | sig.ModelMemory() | sig.KVCache():
+            return "initializing"
+        case sig.GraphCapture() | sig.EngineInitialized() | sig.ServerUp():
+            return "warming_up"
+    return None
+
+
+def expected_durations(
+    history: Mapping[str, Sequence[float]],
+    size_gb: float,
+    throughput_gbps: float | None,
+) -> dict[str, float]:
+    """Expected seconds per load phase: this model's recent median, else size / throughput."""
+    cold_total = size_gb / (throughput_gbps or DEFAULT_THROUGHPUT_GBPS) / FALLBACK_SHARES["loading_weights"]
+    expected = {}
+    for phase in LOAD_PHASES:
+        past = list(history.get(phase, ()))[-HISTORY_WINDOW:]
+        expected[phase] = statistics.median(past) if past else cold_total * FALLBACK_SHARES[phase]
+    return {phase: max(seconds, 0.05) for phase, seconds in expected.items()}
+
+
+@dataclass(frozen=True)
+class ProgressSnapshot:
+    phase: str
+    percent: int
+    eta_s: float | None
+    message: str
+    bytes_loaded: int | None = None
+    bytes_total: int | None = None
+    slow: bool = False
+
+
+class Progress:
+    """Folds phases and signals into a percentage that never goes backwards, and an ETA."""
+
+    def __init__(self, expected: Mapping[str, float], now: float) -> None:
+        self.expected = dict(expected)
+        self.order = [p for p in PHASES if p in self.expected]
+        self.phase = self.order[0]
+        self.phase_started = now
+        self.started = now
+        self.fraction: float | None = None
+        self.bytes_total: int | None = None
+        self.durations: dict[str, float] = {}
+        self._percent = 0
+
+    def enter(self, phase: str, now: float) -> None:
+        """Move forward to ``phase``; phases already passed are ignored."""
+        if phase not in self.order or self.order.index(phase) <= self.order.index(self.phase):
+            return
+        self.durations[self.phase] = now - self.phase_started
+        for skipped in self.order[self.order.index(self.phase) + 1:self.order.index(phase)]:
+            self.durations[skipped] = 0.0
+        self.phase, self.phase_started, self.fraction = phase, now, None
+
+    def on_signal(self, signal: sig.EngineSignal, now: float) -> None:
+        phase = phase_of(signal)
+        if phase is not None:
+            self.enter(phase, now)
+        match signal:
+            case sig.CheckpointSize(bytes_total=total):
+                self.bytes_total = total
+            case sig.ShardProgress(done=done, total=total) if total > 0 and self.phase == "loading_weights":
+                self.fraction = min(done / total, 1.0)
+
+    def finish(self, now: float) -> dict[str, float]:
+        """Close the current phase; returns measured seconds per phase (for history)."""
+        self.durations[self.phase] = now - self.phase_started
+        self._percent = 100
+        return dict(self.durations)
+
+    def snapshot(self, now: float) -> ProgressSnapshot:
+        index = self.order.index(self.phase)
+        expected_here = self.expected[self.phase]
+        elapsed_here = now - self.phase_started
+        if self.fraction is not None:
+            fraction = self.fraction
+            # Measured rate beats the estimate once some of the phase is done.
+            remaining_here = (elapsed_here * (1 - fraction) / fraction if fraction >= 0.1
+                              else max(expected_here - elapsed_here, 0.0))
+        else:
+            fraction = min(elapsed_here / expected_here, 0.95)
+            remaining_here = max(expected_here - elapsed_here, 0.05 * expected_here)
+        after = sum(self.expected[p] for p in self.order[index + 1:])
+        done = sum(self.expected[p] for p in self.order[:index]) + expected_here * fraction
+        total = sum(self.expected.values())
+        self._percent = max(self._percent, min(99, int(100 * done / total)))
+        slow = elapsed_here > 2 * expected_here + 5 or (now - self.started) > 1.5 * total + 5
+        bytes_loaded = None
+        if self.bytes_total is not None:
+            weights_done = (1.0 if index > self.order.index("loading_weights")
+                            else (self.fraction or 0.0) if self.phase == "loading_weights" else 0.0)
+            bytes_loaded = int(self.bytes_total * weights_done)
+        return ProgressSnapshot(
+            phase=self.phase,
+            percent=self._percent,
+            eta_s=round(remaining_here + after, 1),
+            message=PHASE_TEXT[self.phase] + (" (this may take a while)" if slow else ""),
+            bytes_loaded=bytes_loaded,
+            bytes_total=self.bytes_total,
+            slow=slow,
+        )

@@ -1,0 +1,182 @@
+"""Switching between real sim engine processes through the orchestrator, as a user sees it."""
+
+from __future__ import annotations
+
+import threading
+
+from dashboard.events import (
+    CancelledEvent,
+    CompleteEvent,
+    ErrorEvent,
+    ProgressEvent,
+    StageEvent,
+    SwitchEvent,
+)
+from tests.conftest import sim_processes, wait_for
+
+
+def statuses(port) -> dict[str, str]:
+    return {mid: m["status"] for mid, m in port.status()["models"].items()}
+
+
+def switch(port, target: str) -> tuple[SwitchEvent, list[SwitchEvent]]:
+    events: list[SwitchEvent] = []
+    final = port.switch_and_wait(target, actor="test", on_event=events.append, timeout=60)
+    return final, events
+
+
+def test_switch_unloads_largest_model_first(make_port) -> None:
+    port = make_port()
+    assert switch(port, "big")[0].status == "success"
+    assert switch(port, "small")[0].status == "success"
+    # 60 + 20 of 100 GB used: the 40 GB model needs the largest one gone, and only that one.
+    final, events = switch(port, "medium")
+    assert isinstance(final, CompleteEvent) and final.status == "success"
+    assert statuses(port)["big"] == "stopped"
+    assert statuses(port)["small"] == "running"
+    assert statuses(port)["medium"] == "running"
+    assert port.status()["active_model"] == "medium"
+    assert port.status()["gpu"]["used_memory_gb"] == 60
+    assert any(isinstance(e, StageEvent) and e.stage == "unloading_models" and "Big-60B" in e.message
+               for e in events)
+
+
+def test_switch_events_are_ordered_with_monotonic_progress(make_port) -> None:
+    port = make_port()
+    switch(port, "big")
+    final, events = switch(port, "medium")
+    stages = [e.stage for e in events if isinstance(e, StageEvent)]
+    assert stages == ["checking_memory", "unloading_models", "loading_target"]
+    progress = [e.progress for e in events if isinstance(e, ProgressEvent)]
+    assert progress == sorted(progress) and progress[-1] == 100
+    assert all(0 <= p <= 100 for p in progress)
+    assert events[-1] is final and sum(isinstance(e, CompleteEvent) for e in events) == 1
+    weights = [e for e in events if isinstance(e, ProgressEvent) and e.phase == "loading_weights"]
+    assert weights and weights[-1].bytes_total == int(60 * 1024**3)
+    assert all(e.eta_seconds is not None and e.eta_seconds >= 0 for e in events if isinstance(e, ProgressEvent))
+
+
+def test_switch_to_running_model_is_already_loaded(make_port) -> None:
+    port = make_port()
+    switch(port, "small")
+    final, _ = switch(port, "small")
+    assert isinstance(final, CompleteEvent) and final.status == "already_loaded"
+
+
+def test_cancel_mid_load_leaves_previous_state_intact(make_port) -> None:
+    port = make_port()
+    switch(port, "big")
+    switch(port, "small")
+    events: list[SwitchEvent] = []
+    done = threading.Event()
+
+    def run() -> None:
+        port.switch_and_wait("medium", "test", on_event=events.append, timeout=60)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    wait_for(lambda: any(isinstance(e, ProgressEvent) and e.phase == "loading_weights" for e in events),
+             message="medium to be loading weights")
+    assert port.cancel("test") is True
+    assert done.wait(30)
+    assert isinstance(events[-1], CancelledEvent)
+    assert statuses(port) | {"medium": "stopped"} == statuses(port)
+    assert statuses(port)["big"] == "running" and statuses(port)["small"] == "running"
+    assert port.status()["switch"] is None
+
+
+def test_crash_mid_load_rolls_back_to_previous_model(make_port) -> None:
+    port = make_port()
+    switch(port, "big")
+    final, events = switch(port, "crasher")
+    assert isinstance(final, ErrorEvent) and final.error == "engine_failed"
+    assert "simulated engine failure at weights" in final.message
+    assert final.details["rolled_back"] == ["big"]
+    assert any(isinstance(e, StageEvent) and e.stage == "rolling_back" for e in events)
+    assert statuses(port)["big"] == "running"
+    assert statuses(port)["crasher"] == "failed"
+    assert "simulated engine failure" in port.status()["models"]["crasher"]["error"]
+
+
+def test_engine_that_hangs_fails_on_the_stall_timeout(make_port) -> None:
+    port = make_port()
+    final, _ = switch(port, "hanger")
+    assert isinstance(final, ErrorEvent) and final.error == "engine_stalled"
+    assert "no output for 3 s" in final.message
+    assert statuses(port)["hanger"] == "failed"
+
+
+def test_out_of_memory_is_reported_with_the_engines_own_words(make_port) -> None:
+    port = make_port()
+    final, _ = switch(port, "oom")
+    assert isinstance(final, ErrorEvent)
+    assert "CUDA out of memory" in final.message
+
+
+def test_infeasible_switch_fails_before_anything_is_unloaded(make_port) -> None:
+    port = make_port()
+    switch(port, "small")
+    port.set_pinned("small", True, "test")
+    final, events = switch(port, "giant")
+    assert isinstance(final, ErrorEvent) and final.error == "insufficient_memory"
+    assert (final.details["required_gb"], final.details["available_gb"], final.details["can_free_gb"]) == (95, 80, 0)
+    assert "Unpin small" in final.message
+    assert "medium" in final.details["suggestions"]
+    assert not any(isinstance(e, StageEvent) and e.stage == "unloading_models" for e in events)
+    assert statuses(port)["small"] == "running"
+
+
+def test_new_switch_cancels_the_running_one(make_port) -> None:
+    port = make_port()
+    first: list[SwitchEvent] = []
+    thread = threading.Thread(target=lambda: port.switch_and_wait("medium", "a", first.append, 60), daemon=True)
+    thread.start()
+    wait_for(lambda: any(isinstance(e, StageEvent) and e.stage == "loading_target" for e in first))
+    final, _ = switch(port, "big")
+    thread.join(30)
+    assert isinstance(first[-1], CancelledEvent) and first[-1].superseded_by == "big"
+    assert isinstance(final, CompleteEvent) and final.status == "success"
+    assert statuses(port)["medium"] == "stopped" and statuses(port)["big"] == "running"
+
+
+def test_eta_is_learned_from_this_models_history(make_port) -> None:
+    port = make_port()
+    before = port.plan("small")["estimated_load_time_seconds"]
+    switch(port, "small")
+    port.unload("small", "test")
+    after = port.plan("small")["estimated_load_time_seconds"]
+    # The sim loads in about 1 s; the first estimate came from size / default throughput.
+    assert before != after
+    assert 0.5 < after < 3.0
+
+
+def test_every_switch_is_in_the_audit_log_with_its_actor(make_port) -> None:
+    port = make_port()
+    port.switch_and_wait("small", actor="alice", timeout=60)
+    port.switch_and_wait("crasher", actor="bob", timeout=60)
+    log = port.audit_log()
+    switches = [(e["actor"], e["target"], e["outcome"]) for e in log if e["action"] == "switch"]
+    assert ("alice", "small", "success") in switches
+    assert ("bob", "crasher", "failed") in switches
+
+
+def test_restart_adopts_engines_that_kept_serving(make_port, tmp_path) -> None:
+    port = make_port(data_dir=tmp_path / "shared")
+    switch(port, "small")
+    pid_before = sorted(sim_processes())
+    port.close(stop_engines=False)
+    assert sim_processes() == pid_before
+    again = make_port(data_dir=tmp_path / "shared")
+    assert statuses(again)["small"] == "running"
+    final, _ = switch(again, "small")
+    assert final.status == "already_loaded"
+    assert any(e["action"] == "adopt" and e["outcome"] == "running" for e in again.audit_log())
+
+
+def test_closing_the_orchestrator_leaves_no_engine_behind(make_port) -> None:
+    port = make_port()
+    switch(port, "big")
+    switch(port, "small")
+    assert len(sim_processes()) == 2
+    port.close()
+    assert sim_processes() == []

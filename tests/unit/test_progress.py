@@ -1,0 +1,74 @@
+"""Overall progress never goes backwards and the ETA comes from measured history."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dashboard.engines import signals as sig
+from dashboard.orchestrator.progress import LOAD_PHASES, Progress, expected_durations
+
+EXPECTED = {"starting": 1.0, "loading_weights": 6.0, "initializing": 1.5, "warming_up": 1.5}
+
+
+def test_eta_uses_this_models_own_history() -> None:
+    history = {"starting": [1.0, 1.2, 1.1], "loading_weights": [8.0, 9.0, 10.0],
+               "initializing": [2.0], "warming_up": [1.0]}
+    expected = expected_durations(history, size_gb=183, throughput_gbps=None)
+    assert expected["loading_weights"] == 9.0
+    assert round(sum(expected.values()), 1) == 13.1
+
+
+def test_eta_without_history_comes_from_size_and_measured_throughput() -> None:
+    fast = expected_durations({}, size_gb=100, throughput_gbps=10.0)
+    slow = expected_durations({}, size_gb=100, throughput_gbps=1.0)
+    assert round(fast["loading_weights"], 6) == 10.0
+    assert round(slow["loading_weights"], 6) == 100.0
+    assert set(fast) == set(LOAD_PHASES)
+
+
+def test_shard_progress_drives_percent_and_bytes() -> None:
+    p = Progress(EXPECTED, now=0.0)
+    p.enter("starting", 0.0)
+    p.on_signal(sig.CheckpointSize(bytes_total=10_000), 1.0)
+    p.on_signal(sig.ShardProgress(5, 10), 4.0)
+    snap = p.snapshot(4.0)
+    assert snap.phase == "loading_weights"
+    assert snap.bytes_loaded == 5_000 and snap.bytes_total == 10_000
+    assert 30 <= snap.percent <= 45
+    # Half the shards took 3 s: about 3 s more for weights, then the later phases.
+    assert snap.eta_s == 6.0
+
+
+def test_slow_load_says_it_may_take_a_while() -> None:
+    p = Progress(EXPECTED, now=0.0)
+    snap = p.snapshot(60.0)
+    assert snap.slow and "this may take a while" in snap.message
+    assert snap.percent < 100
+
+
+def test_finish_reports_measured_durations() -> None:
+    p = Progress(EXPECTED, now=0.0)
+    p.enter("loading_weights", 1.0)
+    p.enter("warming_up", 5.0)
+    durations = p.finish(7.0)
+    assert durations == {"starting": 1.0, "loading_weights": 4.0, "initializing": 0.0, "warming_up": 2.0}
+
+
+signals = st.lists(st.one_of(
+    st.builds(sig.ShardProgress, st.integers(0, 10), st.just(10)),
+    st.just(sig.LoadStarted()), st.just(sig.WeightsLoaded(1.0)), st.just(sig.KVCache(tokens=5)),
+    st.just(sig.GraphCapture(False)), st.just(sig.ServerUp()),
+    st.builds(sig.CheckpointSize, st.integers(1, 10**12)),
+), max_size=30)
+
+
+@given(signals, st.lists(st.floats(0, 5), min_size=30, max_size=30))
+def test_percent_never_goes_backwards(events, gaps) -> None:
+    p = Progress({"unloading": 2.0, **EXPECTED}, now=0.0)
+    now, last = 0.0, 0
+    for i, event in enumerate(events):
+        now += gaps[i]
+        p.on_signal(event, now)
+        snap = p.snapshot(now)
+        assert last <= snap.percent <= 99
+        assert snap.eta_s is not None and snap.eta_s >= 0
+        last = snap.percent
