@@ -162,7 +162,7 @@ def switch_command(client: SmartswitchClient, args: argparse.Namespace) -> int:
     last: Any = None
     tty = sys.stdout.isatty()
     try:
-        for event in client.switch(args.model):
+        for event in client.switch_events(args.model):
             last = event
             line = progress_line(event)
             if args.json:

@@ -107,7 +107,12 @@ class SmartswitchClient:
     def plan(self, target: str) -> dict[str, Any]:
         return _check(self.http.get("/v1/models/plan", params={"target_model": target})).json()
 
-    def switch(self, target: str) -> Iterator[SwitchEvent]:
+    def switch(self, target: str, actor: str | None = None) -> str:
+        """Start a switch and return its id at once (follow it with ``events()`` or ``status()``)."""
+        response = self.http.post("/v1/models/switch", json={"target_model": target, "wait": False})
+        return str(_check(response).json()["switch_id"])
+
+    def switch_events(self, target: str) -> Iterator[SwitchEvent]:
         """Start a switch and yield its events; the last one is complete, error or cancelled."""
         with self.http.stream("POST", "/v1/models/switch", json={"target_model": target},
                               timeout=httpx.Timeout(30.0, read=None)) as response:
@@ -120,7 +125,7 @@ class SmartswitchClient:
 
     def switch_and_wait(self, target: str, on_event: Callable[[SwitchEvent], None] | None = None) -> SwitchEvent:
         last = None
-        for event in self.switch(target):
+        for event in self.switch_events(target):
             if on_event is not None:
                 on_event(event)
             last = event
@@ -128,7 +133,7 @@ class SmartswitchClient:
             raise ApiError(502, {"error": "stream_ended", "message": "The switch stream ended with no event."})
         return last
 
-    def cancel(self) -> bool:
+    def cancel(self, actor: str | None = None) -> bool:
         return bool(_check(self.http.post("/v1/models/switch/cancel")).json()["cancelled"])
 
     def action(self, model_id: str, action: str) -> dict[str, Any]:
@@ -162,7 +167,11 @@ class AsyncSmartswitchClient:
     async def plan(self, target: str) -> dict[str, Any]:
         return _check(await self.http.get("/v1/models/plan", params={"target_model": target})).json()
 
-    async def switch(self, target: str) -> AsyncIterator[SwitchEvent]:
+    async def switch(self, target: str, actor: str | None = None) -> str:
+        response = await self.http.post("/v1/models/switch", json={"target_model": target, "wait": False})
+        return str(_check(response).json()["switch_id"])
+
+    async def switch_events(self, target: str) -> AsyncIterator[SwitchEvent]:
         async with self.http.stream("POST", "/v1/models/switch", json={"target_model": target},
                                     timeout=httpx.Timeout(30.0, read=None)) as response:
             await _acheck(response)
@@ -172,7 +181,7 @@ class AsyncSmartswitchClient:
                 if is_terminal(event):
                     return
 
-    async def cancel(self) -> bool:
+    async def cancel(self, actor: str | None = None) -> bool:
         return bool(_check(await self.http.post("/v1/models/switch/cancel")).json()["cancelled"])
 
     async def events(self) -> AsyncIterator[Event]:

@@ -136,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model.save_pretrained(tmp, max_shard_size=args.shard_size, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        # mkdtemp makes a 0700 dir and some writers 0600 files: use the usual umask modes.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -119,3 +119,74 @@ def make_port(tmp_path: Path, catalog_text: str) -> Iterator[Callable[..., Orche
     for port in ports:
         port.close()
     wait_for(lambda: not sim_processes(), timeout=10, message="every sim engine to exit")
+
+
+API_KEY = "test-key-0123456789"
+OTHER_KEY = "other-key-9876543210"
+
+
+class Server:
+    """A real ``smartswitch serve`` process on a free port."""
+
+    def __init__(self, root: Path, catalog: str, extra_env: dict[str, str] | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+
+        from dashboard.engines.process import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = root / "server-data"
+        config = root / "catalog.toml"
+        config.write_text(catalog)
+        self.log_path = root / "server.log"
+        env = {**os.environ, "SMARTSWITCH_API_KEYS": f"{API_KEY},{OTHER_KEY}", **(extra_env or {})}
+        env.pop("SMARTSWITCH_CONFIG", None)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dashboard.cli", "serve", "--config", str(config), "--port", str(self.port),
+             "--data-dir", str(self.data_dir)], stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        import httpx
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout=60, message="smartswitch serve to answer /healthz")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+    def stop(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except Exception:
+            self.proc.kill()
+            raise
+        finally:
+            self._log.close()
+
+
+def serve_catalog(catalog: str, **server: object) -> str:
+    """The test catalog with [server] settings added."""
+    lines = "\n".join(f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else
+                      f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in server.items())
+    return catalog + f"\n[server]\n{lines}\n"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("server")
+    srv = Server(root, serve_catalog(TEST_CATALOG, switches_per_minute=1000, max_body_bytes=4096))
+    yield srv
+    srv.stop()
+    wait_for(lambda: not sim_processes(), timeout=15, message="every sim engine to exit with the server")

@@ -188,6 +188,10 @@ class SwitchHandler(SseHandler):
             self.ctx.port.history.audit(self.actor, "switch", target, "rate_limited", {"retry_after": retry})
             raise RateLimited(f"Too many switches: at most {self.ctx.limiter.per_minute} per minute. "
                               f"Retry in {retry} s.", retry_after_seconds=retry)
+        if body.get("wait", True) is False:
+            switch_id = await self.ctx.port.aswitch(target, self.actor)
+            self.send_json({"switch_id": switch_id, "target_model": target}, 202)
+            return
         events = self.ctx.port.switch_events(target, self.actor)
         if body.get("stream", True) is False:
             last = None

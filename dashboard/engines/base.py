@@ -84,11 +84,15 @@ class Engine(ABC):
         self._watch(from_start=False)
         return True
 
-    async def stop(self, timeout: float) -> None:
+    async def detach(self) -> None:
+        """Stop watching, leave the engine running (for the next orchestrator to adopt)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+
+    async def stop(self, timeout: float) -> None:
+        await self.detach()
         await self._terminate(timeout)
 
     def error_text(self) -> str:

@@ -95,8 +95,7 @@ class OrchestratorPort:
             return
         self._closed = True
         try:
-            if stop_engines:
-                self._run(self.core.shutdown(), timeout=120)
+            self._run(self.core.shutdown(stop_engines), timeout=120)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)

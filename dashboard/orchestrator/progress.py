@@ -78,6 +78,7 @@ class Progress:
         self.bytes_total: int | None = None
         self.durations: dict[str, float] = {}
         self._percent = 0
+        self.finished = False
 
     def enter(self, phase: str, now: float) -> None:
         """Move forward to ``phase``; phases already passed are ignored."""
@@ -101,10 +102,12 @@ class Progress:
     def finish(self, now: float) -> dict[str, float]:
         """Close the current phase; returns measured seconds per phase (for history)."""
         self.durations[self.phase] = now - self.phase_started
-        self._percent = 100
+        self._percent, self.finished = 100, True
         return dict(self.durations)
 
     def snapshot(self, now: float) -> ProgressSnapshot:
+        if self.finished:
+            return ProgressSnapshot("ready", 100, 0.0, PHASE_TEXT["ready"], self.bytes_total, self.bytes_total)
         index = self.order.index(self.phase)
         expected_here = self.expected[self.phase]
         elapsed_here = now - self.phase_started

@@ -65,7 +65,7 @@ class ModelState:
     stop_task: asyncio.Task[None] | None = None
     ready: asyncio.Future[None] | None = None
     error: str | None = None
-    fatal_line: str | None = None
+    fatal_lines: list[str] = field(default_factory=list)
     signal_gb: dict[str, float] = field(default_factory=dict)
     measured_gb: float | None = None
     last_used: float = 0.0
@@ -129,15 +129,22 @@ class Orchestrator:
         self._changed()
         self._refresher = asyncio.create_task(self._refresh_loop())
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, stop_engines: bool = True) -> None:
+        """End the running switch and stop (or, for a restart, just let go of) every engine."""
         if self.run and self.run.task:
             self.run.restore = False
             self.run.task.cancel()
             await asyncio.gather(self.run.task, return_exceptions=True)
         if self._refresher:
             self._refresher.cancel()
-        await asyncio.gather(*(self._stop(mid) for mid, s in self.models.items() if s.engine is not None),
-                             return_exceptions=True)
+        engines = [(mid, s) for mid, s in self.models.items() if s.engine is not None]
+        if stop_engines:
+            await asyncio.gather(*(self._stop(mid) for mid, _ in engines), return_exceptions=True)
+            return
+        for _, state in engines:
+            if state.supervisor is not None:
+                state.supervisor.cancel()
+            await state.engine.detach()
 
     async def _recover_interrupted_switch(self) -> None:
         raw = self.history.get("switch_in_progress")
@@ -416,7 +423,7 @@ class Orchestrator:
         state = self.models[model_id]
         engine = self.engine_factory(state.spec, None, None)
         state.engine, state.status, state.health, state.error = engine, "loading", "unknown", None
-        state.fatal_line, state.signal_gb = None, {}
+        state.fatal_lines, state.signal_gb = [], {}
         state.ready = asyncio.get_running_loop().create_future()
         try:
             await engine.start()
@@ -486,7 +493,8 @@ class Orchestrator:
                 state.signal_gb["graphs"] = gib * 1.073741824
             case sig.EngineError(message=message):
                 if state.status == "loading":
-                    state.fatal_line = state.fatal_line or message
+                    if message not in state.fatal_lines:
+                        state.fatal_lines.append(message)
                 else:
                     state.health, state.status = "unhealthy", "failed"
                     state.error = f"{state.spec.name} stopped answering: {message}"
@@ -497,7 +505,8 @@ class Orchestrator:
                 self._fail_load(state, f"{state.spec.name} stalled: no output for {seconds:g} s.",
                                 "engine_stalled")
             case sig.Exited(returncode=code):
-                why = state.fatal_line or "\n".join(signal.last_lines) or "no output"
+                # The engine's own words: its first fatal lines, else its last meaningful ones.
+                why = "; ".join(state.fatal_lines[:3]) or " | ".join(signal.last_lines[-3:]) or "no output"
                 if state.status == "loading":
                     self._fail_load(state, f"{state.spec.name} exited with code {code} while loading: {why}",
                                     "engine_failed")
@@ -522,7 +531,7 @@ class Orchestrator:
         if self.gpu.source != "nvml" or not measured:
             measured, source = sum(state.signal_gb.values()) or None, "engine_logs"
         if measured:
-            state.measured_gb = round(measured, 2)
+            state.measured_gb = round(measured, 1)
             self.history.record_memory(state.spec.id, state.measured_gb, source)
         if state.ready is not None and not state.ready.done():
             state.ready.set_result(None)

@@ -44,6 +44,7 @@ def test_switch_unloads_largest_model_first(make_port) -> None:
 def test_switch_events_are_ordered_with_monotonic_progress(make_port) -> None:
     port = make_port()
     switch(port, "big")
+    switch(port, "small")
     final, events = switch(port, "medium")
     stages = [e.stage for e in events if isinstance(e, StageEvent)]
     assert stages == ["checking_memory", "unloading_models", "loading_target"]
@@ -52,8 +53,10 @@ def test_switch_events_are_ordered_with_monotonic_progress(make_port) -> None:
     assert all(0 <= p <= 100 for p in progress)
     assert events[-1] is final and sum(isinstance(e, CompleteEvent) for e in events) == 1
     weights = [e for e in events if isinstance(e, ProgressEvent) and e.phase == "loading_weights"]
-    assert weights and weights[-1].bytes_total == int(60 * 1024**3)
-    assert all(e.eta_seconds is not None and e.eta_seconds >= 0 for e in events if isinstance(e, ProgressEvent))
+    assert weights and abs(weights[-1].bytes_total - 60e9) < 0.01e9  # 60 GB checkpoint
+    planned = [e for e in events if isinstance(e, ProgressEvent) and e.stage != "checking_memory"]
+    assert all(e.eta_seconds is not None and e.eta_seconds >= 0 for e in planned)
+    assert planned[-1].eta_seconds == 0 and planned[-1].phase == "ready"
 
 
 def test_switch_to_running_model_is_already_loaded(make_port) -> None:

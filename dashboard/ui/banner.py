@@ -1,0 +1,109 @@
+"""The switching banner above the chat: from/to, stage, progress %, ETA, bytes, Cancel; and errors."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import panel as pn
+import param
+
+from dashboard.ui.state import DashboardState
+from dashboard.ui.theme import format_bytes
+
+STAGE_TEXT = {"checking_memory": "Checking GPU memory", "unloading_models": "Unloading models",
+              "loading_target": "Loading model", "rolling_back": "Restoring the previous models"}
+
+
+class SwitchBanner(pn.viewable.Viewer):
+    state = param.ClassSelector(class_=DashboardState)
+
+    def __init__(self, on_cancel: Callable[[], Awaitable[None]], **params: Any) -> None:
+        super().__init__(**params)
+        self._cancel = pn.widgets.Button(name="Cancel", button_type="danger", button_style="outline",
+                                         width=90, css_classes=["cancel-switch"])
+
+        async def cancel(_: Any) -> None:
+            self._cancel.disabled = True
+            try:
+                await on_cancel()
+            finally:
+                self._cancel.disabled = False
+
+        self._cancel.on_click(cancel)
+        self._bar = pn.indicators.Progress(value=0, max=100, sizing_mode="stretch_width", bar_color="primary",
+                                           height=18, margin=(4, 10))
+        self.state.param.watch(lambda e: setattr(self._bar, "value", e.new), "progress")
+
+    @param.depends("state.switching", "state.switch_target", "state.switch_from", "state.stage",
+                   "state.stage_message", "state.progress", "state.eta_s", "state.bytes_loaded",
+                   "state.bytes_total", "state.slow")
+    def _text(self) -> pn.pane.HTML:
+        s = self.state
+        if not s.switching:
+            return pn.pane.HTML("")
+        origin = f"from {s.name_of(s.switch_from)} " if s.switch_from else ""
+        eta = f"~{s.eta_s:.0f} s remaining" if s.eta_s is not None else "estimating time"
+        size = (f" · {format_bytes(s.bytes_loaded)} of {format_bytes(s.bytes_total)}"
+                if s.bytes_total else "")
+        slow = "<div class='slow'>This may take a while: the load is slower than usual.</div>" if s.slow else ""
+        return pn.pane.HTML(
+            f"<div class='switch-banner'><b>Switching {origin}to {s.name_of(s.switch_target)}...</b>"
+            f"<div class='stage'>{STAGE_TEXT.get(s.stage, s.stage)}: {s.stage_message}</div>"
+            f"<div class='numbers'><span class='percent'>{s.progress}%</span> · "
+            f"<span class='eta'>{eta}</span>{size}</div>{slow}</div>",
+            sizing_mode="stretch_width", margin=(0, 10))
+
+    @param.depends("state.error", "state.switching")
+    def _error(self) -> pn.viewable.Viewable:
+        error = self.state.error
+        if not error or self.state.switching:
+            return pn.pane.HTML("")
+        return pn.pane.Alert(f"**Switch to {self.state.name_of(error.get('target_model'))} failed.** "
+                             f"{error.get('message', '')}", alert_type="danger",
+                             sizing_mode="stretch_width", css_classes=["switch-error"])
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        running = pn.Row(pn.Column(self._text, self._bar, sizing_mode="stretch_width"), self._cancel,
+                         visible=self.state.param.switching, sizing_mode="stretch_width",
+                         styles={"border": "1px solid #90caf9", "border-radius": "6px", "background": "#e3f2fd"})
+        return pn.Column(running, self._error, sizing_mode="stretch_width")
+
+
+class ConfirmSwitch(pn.viewable.Viewer):
+    """Shows the plan (what unloads, memory before/after, time) and waits for a yes before switching."""
+
+    plan = param.Dict(default=None, allow_None=True, doc="The dry run awaiting confirmation.")
+
+    def __init__(self, on_confirm: Callable[[str], Awaitable[None]], **params: Any) -> None:
+        super().__init__(**params)
+        self._yes = pn.widgets.Button(name="Switch", button_type="primary", css_classes=["confirm-switch"])
+        self._no = pn.widgets.Button(name="Keep current", css_classes=["reject-switch"])
+
+        async def yes(_: Any) -> None:
+            target = self.plan["target_model"] if self.plan else None
+            self.plan = None
+            if target:
+                await on_confirm(target)
+
+        self._yes.on_click(yes)
+        self._no.on_click(lambda _: setattr(self, "plan", None))
+
+    @param.depends("plan")
+    def _body(self) -> pn.viewable.Viewable:
+        p = self.plan
+        if not p:
+            return pn.pane.HTML("")
+        unload = ", ".join(p.get("unload_names") or p["unload"]) or "nothing"
+        extra = f"<div>{p['note']}</div>" if p.get("note") else ""
+        return pn.pane.HTML(
+            f"<div class='confirm-plan'><b>Switch to {p.get('target_name', p['target_model'])}?</b>"
+            f"<div>Unloads: {unload}</div>"
+            f"<div>GPU memory free: {p['available_gb']:.1f} GB now, {p['free_gb_after']:.1f} GB after</div>"
+            f"<div>About {p['estimated_load_time_seconds']:.0f} s to load</div>{extra}</div>",
+            sizing_mode="stretch_width")
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return pn.Column(self._body, pn.Row(self._yes, self._no), visible=self.param.plan.rx.bool(),
+                         sizing_mode="stretch_width",
+                         styles={"border": "1px solid #ffb74d", "border-radius": "6px", "background": "#fff3e0"})

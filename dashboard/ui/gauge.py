@@ -1,0 +1,72 @@
+"""The GPU memory gauge: used / total with each model's share, free memory, source, and history."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import panel as pn
+import param
+from bokeh.models import ColumnDataSource, DatetimeTickFormatter
+from bokeh.plotting import figure
+
+from dashboard.ui.state import DashboardState
+from dashboard.ui.theme import model_colour
+
+
+class GpuGauge(pn.viewable.Viewer):
+    state = param.ClassSelector(class_=DashboardState)
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        history = self.state.memory_history
+        self._source = ColumnDataSource({"t": [t * 1000 for t, _ in history], "used": [u for _, u in history]})
+        self._plot = figure(height=140, sizing_mode="stretch_width", x_axis_type="datetime", toolbar_location=None,
+                            y_range=(0, max(self.state.gpu_total_gb, 1.0)), title="GPU memory used (GB)")
+        self._plot.line("t", "used", source=self._source, line_width=2, color="#1565c0")
+        self._plot.xaxis.formatter = DatetimeTickFormatter(seconds="%H:%M:%S", minsec="%H:%M:%S",
+                                                           minutes="%H:%M")
+        self._plot.title.text_font_size = "11px"
+        self.state.param.watch(self._stream, "memory_history")
+
+    def _stream(self, event: param.parameterized.Event) -> None:
+        if not event.new:
+            return
+        t, used = event.new[-1]
+        self._source.stream({"t": [t * 1000], "used": [used]}, rollover=600)
+        self._plot.y_range.end = max(self.state.gpu_total_gb, 1.0)
+
+    @param.depends("state.gpu_used_gb", "state.gpu_total_gb", "state.per_model_gb", "state.gpu_source",
+                   "state.models")
+    def _bar(self) -> pn.pane.HTML:
+        s = self.state
+        total = s.gpu_total_gb or 1.0
+        ids = [m["id"] for m in sorted(s.models, key=lambda m: m["id"])]
+        segments = "".join(
+            f"<div class='share' title='{s.name_of(mid)}: {gb:.1f} GB' style='width:{100 * gb / total:.2f}%;"
+            f"background:{model_colour(ids, mid)}'></div>" for mid, gb in s.per_model_gb.items())
+        legend = "".join(
+            f"<div><span class='dot' style='background:{model_colour(ids, mid)}'></span>"
+            f"{s.name_of(mid)} <b>{gb:.1f} GB</b></div>" for mid, gb in s.per_model_gb.items())
+        other = max(s.gpu_used_gb - sum(s.per_model_gb.values()), 0.0)
+        if other > 0.05:
+            segments += f"<div class='share' style='width:{100 * other / total:.2f}%;background:#bdbdbd'></div>"
+            legend += f"<div><span class='dot' style='background:#bdbdbd'></span>Other processes {other:.1f} GB</div>"
+        free = max(s.gpu_total_gb - s.gpu_used_gb, 0.0)
+        source = "NVML" if s.gpu_source == "nvml" else "virtual GPU (configured size)"
+        device = f" · {s.gpu_name}" if s.gpu_name else ""
+        return pn.pane.HTML(f"""
+<style>
+.gauge {{ display:flex; height:22px; border:1px solid #999; border-radius:4px; overflow:hidden; background:#f5f5f5 }}
+.share {{ height:100% }} .dot {{ display:inline-block; width:10px; height:10px; border-radius:5px; margin-right:5px }}
+.gpu-legend {{ font-size: 12px; margin-top: 4px }}
+</style>
+<div class='gpu-gauge'>
+<div class='gpu-figures'><b>{s.gpu_used_gb:.1f} / {s.gpu_total_gb:.1f} GB</b> used · {free:.1f} GB free</div>
+<div class='gauge'>{segments}</div>
+<div class='gpu-legend'>{legend}</div>
+<div class='gpu-source' style='font-size:11px;color:#666'>Source: {source}{device}</div>
+</div>""", sizing_mode="stretch_width")
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return pn.Column(pn.pane.Markdown("#### GPU memory", margin=(0, 5)), self._bar,
+                         pn.pane.Bokeh(self._plot, sizing_mode="stretch_width"), sizing_mode="stretch_width")
