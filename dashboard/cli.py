@@ -84,19 +84,34 @@ def serve_command(args: argparse.Namespace) -> int:
     from dashboard.ui.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # health polls every 0.1 s would drown the log
     try:
-        get_orchestrator()
+        port = get_orchestrator()
     except ConfigError as exc:
         print(f"smartswitch: {exc}", file=sys.stderr)
         return 2
     api_context()  # makes (and logs) the API key before the first request
-    # SIGTERM must run atexit handlers so engines are stopped, not orphaned.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"smartswitch: {len(config.models)} models from {config.source}; "
           f"dashboard http://{args.host}:{args.port}/ API http://{args.host}:{args.port}/v1/", flush=True)
-    pn.serve({"/": create_app}, address=args.host, port=args.port, show=False, title="smartswitch",
-             extra_patterns=ROUTES, websocket_origin=[f"{args.host}:{args.port}", f"localhost:{args.port}",
-                                                      f"127.0.0.1:{args.port}"])
+    server = pn.serve({"/": create_app}, address=args.host, port=args.port, show=False, start=False,
+                      title="smartswitch", extra_patterns=ROUTES,
+                      # Closed tabs stop costing refreshes within seconds, not the default ~30 s.
+                      check_unused_sessions_milliseconds=2000, unused_session_lifetime_milliseconds=3000,
+                      websocket_origin=[f"{args.host}:{args.port}", f"localhost:{args.port}",
+                                        f"127.0.0.1:{args.port}"])
+    loop = server.io_loop
+
+    def stop(*_: object) -> None:
+        loop.add_callback_from_signal(loop.stop)
+
+    # SIGTERM and Ctrl-C end the loop; then every engine is stopped, none is orphaned.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.start()
+    try:
+        loop.start()
+    finally:
+        port.close()
     return 0
 
 

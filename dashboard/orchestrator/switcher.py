@@ -288,9 +288,9 @@ class Orchestrator:
             self._stage(run, "unloading_models", f"Unloading {names}")
             for victim in the_plan.unload:
                 started = time.monotonic()
+                run.unloaded.append(victim)  # before the stop: a cancel mid-stop must still restore it
                 await self._stop(victim)
-                run.unloaded.append(victim)
-                self.history.record_load(victim, {"stopping": time.monotonic() - started}, 0, "stopped")
+                self.history.record_load(victim, {"stopping": time.monotonic() - started}, 0, "unloaded")
                 self._tick(run)
             await self._await_memory(run, the_plan.required_gb)
         self._stage(run, "loading_target", f"Loading {target.spec.name}")
@@ -497,7 +497,7 @@ class Orchestrator:
                         state.fatal_lines.append(message)
                 else:
                     state.health, state.status = "unhealthy", "failed"
-                    state.error = f"{state.spec.name} stopped answering: {message}"
+                    state.error = f"{state.spec.name} is not answering: {message}"
                     self._changed()
             case sig.Ready():
                 self._became_ready(state)

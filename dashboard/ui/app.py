@@ -8,7 +8,9 @@ from typing import Any
 
 import panel as pn
 import param
+from panel.io.state import set_curdoc
 
+from dashboard.events import Event, StageEvent, StatusEvent, is_terminal
 from dashboard.ui.activity import ActivityLog
 from dashboard.ui.backend import LocalBackend, RemoteBackend
 from dashboard.ui.banner import ConfirmSwitch, SwitchBanner
@@ -44,6 +46,10 @@ class Dashboard(pn.viewable.Viewer):
         self.activity = ActivityLog(state=self.state, audit_log=backend.audit_log)
         self.gauge = GpuGauge(state=self.state)
         self._callback: Any = None
+        self._unsubscribe: Any = None
+        self._doc: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._refresh_pending = False
 
     # Actions ----------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -52,12 +58,28 @@ class Dashboard(pn.viewable.Viewer):
         except Exception:  # a remote server may blink; the next poll tries again
             log.exception("status refresh failed")
 
+    def refresh_soon(self) -> None:
+        """Refresh on the session's loop the way a periodic callback does (safe from any thread)."""
+        if self._loop is None or self._doc is None:
+            self.refresh()
+            return
+
+        if self._refresh_pending:
+            return  # a burst of events needs one refresh, not one each
+        self._refresh_pending = True
+
+        def run() -> None:
+            self._refresh_pending = False
+            with set_curdoc(self._doc):
+                self.refresh()
+        self._loop.call_soon_threadsafe(run)
+
     async def pick(self, model_id: str) -> None:
         s = self.state
         running = next((m for m in s.models if m["id"] == model_id and m["status"] == "running"), None)
         if running is not None and not s.switching:
             s.selected_model = model_id
-            self.refresh()
+            self.refresh_soon()
             return
         replacing = s.switching and s.switch_target != model_id and s.progress > CONFIRM_PAST
         if replacing or s.confirm_before_unload:
@@ -74,15 +96,15 @@ class Dashboard(pn.viewable.Viewer):
     async def start_switch(self, model_id: str) -> None:
         self.state.selected_model = model_id
         await asyncio.to_thread(self.backend.switch, model_id, self.actor)
-        self.refresh()
+        self.refresh_soon()
 
     async def cancel(self) -> None:
         await asyncio.to_thread(self.backend.cancel, self.actor)
-        self.refresh()
+        self.refresh_soon()
 
     async def act(self, action: str, model_id: str) -> None:
         await asyncio.to_thread(self.backend.act, action, model_id, self.actor)
-        self.refresh()
+        self.refresh_soon()
 
     # Layout -----------------------------------------------------------------------------------
     def _welcome_back(self) -> pn.viewable.Viewable:
@@ -108,10 +130,23 @@ class Dashboard(pn.viewable.Viewer):
         if self._callback is not None:
             self._callback.stop()
             self._callback = None
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    def _push(self) -> None:
+        """Refresh at once on state changes from anywhere (other tabs, the API), not only on the poll."""
+        def on_event(event: Event) -> None:
+            if isinstance(event, StatusEvent | StageEvent) or is_terminal(event):
+                self.refresh_soon()
+        self._unsubscribe = self.backend.subscribe(on_event)
 
     def __panel__(self) -> pn.viewable.Viewable:
         self.start_polling()
-        if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
+        doc = pn.state.curdoc
+        if doc is not None and doc.session_context is not None:
+            self._doc, self._loop = doc, asyncio.get_event_loop()
+            self._push()
             pn.state.on_session_destroyed(self.stop_polling)
         sidebar = pn.Column(self._welcome_back(), self.selector, self.confirm, self.gauge, width=360)
         tabs = pn.Tabs(("Chat", self.chat), ("Models", self.manager), ("Activity", self.activity),

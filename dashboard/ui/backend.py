@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from dashboard.client import SmartswitchClient
+from dashboard.events import Event
 from dashboard.orchestrator.core import OrchestratorPort
 
 
@@ -41,6 +43,10 @@ class LocalBackend:
     def last_used(self, actor: str) -> str | None:
         return self.port.last_used(actor)
 
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None] | None:
+        """Events as they happen (called on the orchestrator's thread); None where unsupported."""
+        return self.port.subscribe(callback)
+
     def chat_target(self, model_id: str) -> tuple[str, dict[str, str]]:
         endpoint = self.status()["models"][model_id].get("endpoint")
         return f"{endpoint}/v1/chat/completions", {}
@@ -75,6 +81,9 @@ class RemoteBackend:
 
     def last_used(self, actor: str) -> str | None:
         return None
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None] | None:
+        return None  # polling only: one SSE connection per session is not worth it
 
     def chat_target(self, model_id: str) -> tuple[str, dict[str, str]]:
         http = self.client.http

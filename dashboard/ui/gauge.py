@@ -32,8 +32,17 @@ class GpuGauge(pn.viewable.Viewer):
         if not event.new:
             return
         t, used = event.new[-1]
-        self._source.stream({"t": [t * 1000], "used": [used]}, rollover=600)
-        self._plot.y_range.end = max(self.state.gpu_total_gb, 1.0)
+
+        def update() -> None:
+            self._source.stream({"t": [t * 1000], "used": [used]}, rollover=600)
+            self._plot.y_range.end = max(self.state.gpu_total_gb, 1.0)
+
+        # Raw Bokeh models (unlike Panel's) may only change under the document lock.
+        doc = self._plot.document
+        if doc is not None and doc.session_context is not None:
+            doc.add_next_tick_callback(update)
+        else:
+            update()
 
     @param.depends("state.gpu_used_gb", "state.gpu_total_gb", "state.per_model_gb", "state.gpu_source",
                    "state.models")
@@ -53,7 +62,7 @@ class GpuGauge(pn.viewable.Viewer):
             legend += f"<div><span class='dot' style='background:#bdbdbd'></span>Other processes {other:.1f} GB</div>"
         free = max(s.gpu_total_gb - s.gpu_used_gb, 0.0)
         source = "NVML" if s.gpu_source == "nvml" else "virtual GPU (configured size)"
-        device = f" · {s.gpu_name}" if s.gpu_name else ""
+        device = f" · {s.gpu_name}" if s.gpu_name and s.gpu_source == "nvml" else ""
         return pn.pane.HTML(f"""
 <style>
 .gauge {{ display:flex; height:22px; border:1px solid #999; border-radius:4px; overflow:hidden; background:#f5f5f5 }}

@@ -13,7 +13,7 @@ import param
 from bokeh.plotting import figure
 
 from dashboard.ui.state import DashboardState
-from dashboard.ui.theme import model_colour
+from dashboard.ui.theme import model_colour, status_label
 
 ACTIONS = ("load", "unload", "sleep", "wake", "pin", "unpin")
 
@@ -38,31 +38,36 @@ class ModelManager(pn.viewable.Viewer):
 
             button.on_click(run)
             self._buttons.append(button)
+        self._plotted = 0
         self._plot_pane = pn.pane.Bokeh(self._plot(), sizing_mode="stretch_width")
         self.state.param.watch(self._refresh, "models")
 
-    def _frame(self) -> pd.DataFrame:
+    def _frame(self, loads: list[dict[str, Any]] | None = None) -> pd.DataFrame:
         history = {}
-        for row in self._load_history():
+        for row in loads if loads is not None else self._load_history():
             if row["outcome"] == "success":
                 history.setdefault(row["model_id"], row["total_s"])
         return pd.DataFrame([{
-            "id": m["id"], "model": m["name"], "status": m["status"],
+            "id": m["id"], "model": m["name"], "status": status_label(m),
             "GPU GB": m.get("gpu_memory_used_gb", m.get("gpu_memory_required_gb")),
             "size GB": m["size_gb"], "last load s": round(history[m["id"]], 1) if m["id"] in history else None,
             "pinned": m["pinned"], "sleep": m["sleep_capable"],
         } for m in self.state.models])
 
     def _refresh(self, *_: Any) -> None:
-        selection = self._table.selection
-        frame = self._frame()
+        loads = self._load_history()
+        frame = self._frame(loads)
         if not frame.equals(self._table.value):
+            selection = self._table.selection
             self._table.value = frame
             self._table.selection = selection
-            self._plot_pane.object = self._plot()
+        if len(loads) != self._plotted:  # a new figure is costly: only when there is a new load
+            self._plot_pane.object = self._plot(loads)
 
-    def _plot(self) -> Any:
-        rows = [r for r in self._load_history() if r["outcome"] == "success" and r["total_s"] > 0]
+    def _plot(self, loads: list[dict[str, Any]] | None = None) -> Any:
+        loads = loads if loads is not None else self._load_history()
+        self._plotted = len(loads)
+        rows = [r for r in loads if r["outcome"] == "success" and r["total_s"] > 0]
         plot = figure(height=220, sizing_mode="stretch_width", x_axis_type="datetime", toolbar_location=None,
                       title="Past load times (s)")
         ids = sorted({r["model_id"] for r in rows})

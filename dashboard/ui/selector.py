@@ -45,7 +45,6 @@ class ModelSelector(pn.viewable.Viewer):
         ordered = []
         for model in self.state.models:
             icon, _colour = STATUS_STYLE.get(model["status"], ("?", "#999"))
-            memory = model.get("gpu_memory_used_gb", model.get("gpu_memory_required_gb", 0))
             label = status_label(model)
             selected = "▸ " if model["id"] == self.state.selected_model else ""
             button = self._button(model["id"])
@@ -54,8 +53,6 @@ class ModelSelector(pn.viewable.Viewer):
                      + (f" · {label}" if label else ""),
                 button_type=BUTTON_TYPE.get(model["status"], "default"),
                 button_style="solid" if model["status"] != "stopped" else "outline",
-                description=f"{model['name']}: {memory:g} GB of GPU memory"
-                            + (f"\n{model['error']}" if model.get("error") else ""),
                 css_classes=["model-option", f"status-{model['status']}"],
             )
             ordered.append(button)

@@ -1,0 +1,49 @@
+"""Chromium (Debian's, driven by Playwright) against a real `smartswitch serve` on the demo catalog."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from dashboard.config import demo_path
+from tests.conftest import Server, sim_processes, wait_for
+
+CHROMIUM = os.environ.get("SMARTSWITCH_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run", "--disable-sync", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("ui"), demo_path().read_text())
+    yield srv
+    srv.stop()
+    wait_for(lambda: not sim_processes(), timeout=15, message="every sim engine to exit with the server")
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(browser: Browser, demo_server: Server) -> Iterator[callable]:
+    pages: list[Page] = []
+
+    def open_() -> Page:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(demo_server.url + "/")
+        page.locator(".model-option").first.wait_for(timeout=30_000)
+        pages.append(page)
+        return page
+
+    yield open_
+    for page in pages:
+        page.close()

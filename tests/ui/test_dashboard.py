@@ -1,0 +1,135 @@
+"""The dashboard as a researcher uses it, in a real browser."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import httpx
+from playwright.sync_api import Page, expect
+
+from tests.conftest import Server, wait_for
+
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard-switching.png"
+NAMES = ["GPT-OSS-120B", "GPT-OSS-20B", "DeepSeek-Coder-33B-Instruct", "Qwen2.5-32B-Instruct",
+         "Llama-3.1-8B-Instruct"]
+
+
+def option(page: Page, name: str):
+    return page.locator(".model-option button", has_text=name)
+
+
+def chat_box(page: Page):
+    return page.locator("textarea")  # the chat's input is the page's only text area
+
+
+def send_button(page: Page):
+    return page.get_by_role("button", name="Send")
+
+
+def expect_reply(page: Page, text: str, timeout: float = 15_000) -> None:
+    # Text selectors pierce the shadow DOM Panel renders into (innerText would not).
+    expect(page.get_by_text(text, exact=False).first).to_be_visible(timeout=timeout)
+
+
+def percent(page: Page) -> int:
+    """The banner's percentage (-1 while the banner is between renders)."""
+    text = page.locator(".switch-banner .percent").first.text_content(timeout=2000) or ""
+    return int(text.rstrip("%")) if text.rstrip("%").isdigit() else -1
+
+
+def wait_percent_above(page: Page, floor: int, timeout: float = 15.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = percent(page)
+        if value > floor:
+            return value
+        page.wait_for_timeout(100)
+    raise AssertionError(f"the banner's percentage never rose above {floor}")
+
+
+def wait_idle(server: Server) -> None:
+    with httpx.Client(headers=server.headers, timeout=5) as client:
+        wait_for(lambda: client.get(f"{server.url}/v1/models/status").json()["switch"] is None, timeout=60,
+                 message="the running switch to end")
+
+
+def test_every_model_is_listed_with_its_status_and_no_stopped_text(open_page) -> None:
+    page = open_page()
+    for name in NAMES:
+        expect(option(page, name)).to_be_visible()
+    assert page.locator(".model-option").count() == 5
+    stopped = page.locator(".status-stopped button").first
+    assert stopped.inner_text().startswith("○")
+    assert page.get_by_text(re.compile("Stopped|Not Found", re.I)).count() == 0
+    expect(chat_box(page)).to_be_disabled()
+    expect(chat_box(page)).to_have_attribute("placeholder", "Select a model to start chatting")
+
+
+def test_switch_shows_progress_locks_chat_then_chat_streams(open_page, demo_server: Server) -> None:
+    page = open_page()
+    option(page, "Llama-3.1-8B-Instruct").click()
+    banner = page.locator(".switch-banner")
+    expect(banner).to_contain_text("Switching to Llama-3.1-8B-Instruct...", timeout=5000)
+    expect(banner.locator(".eta")).to_contain_text("remaining")
+    expect(chat_box(page)).to_be_disabled()
+    expect(send_button(page)).to_be_disabled()
+    expect(chat_box(page)).to_have_attribute("placeholder", re.compile(r"Switching to Llama-3\.1-8B-Instruct\.\.\."))
+    first = wait_percent_above(page, -1)
+    wait_percent_above(page, first)
+    expect(page.locator(".switch-banner .stage")).to_contain_text("Loading")
+    # The banner goes away and the chat opens once the model answers its health check.
+    expect(banner).to_have_count(0, timeout=30_000)
+    expect(chat_box(page)).to_be_enabled(timeout=5000)
+    expect(send_button(page)).to_be_enabled()
+    expect(page.locator(".status-running button", has_text="Llama-3.1-8B-Instruct")).to_be_visible()
+
+    chat_box(page).fill("what is a shard?")
+    chat_box(page).press("Enter")
+    expect_reply(page, "[simulated reply from llama-3.1-8b-instruct] You said: what is a shard?")
+
+    option(page, "GPT-OSS-20B").click()
+    expect(banner).to_contain_text("Switching from Llama-3.1-8B-Instruct to GPT-OSS-20B...", timeout=5000)
+    expect(banner).to_have_count(0, timeout=30_000)
+    expect(chat_box(page)).to_be_enabled(timeout=5000)
+    # The conversation outlives the switch.
+    expect_reply(page, "what is a shard?", timeout=1000)
+    chat_box(page).fill("and now?")
+    chat_box(page).press("Enter")
+    expect_reply(page, "[simulated reply from gpt-oss-20b] You said: and now?")
+    expect_reply(page, "[simulated reply from llama-3.1-8b-instruct] You said: what is a shard?", timeout=1000)
+
+
+def test_a_second_tab_shows_the_switch_within_one_poll(open_page, demo_server: Server) -> None:
+    wait_idle(demo_server)
+    first, second = open_page(), open_page()
+    option(first, "Qwen2.5-32B-Instruct").click()
+    expect(first.locator(".switch-banner")).to_be_visible(timeout=5000)
+    # One poll period is 500 ms; allow one more for the page to paint.
+    expect(second.locator(".switch-banner")).to_contain_text("Switching", timeout=1500)
+    expect(chat_box(second)).to_be_disabled()
+    if os.environ.get("SMARTSWITCH_UPDATE_SCREENSHOT"):
+        wait_percent_above(first, 30)
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        first.screenshot(path=str(SCREENSHOT))
+    expect(second.locator(".switch-banner")).to_have_count(0, timeout=30_000)
+
+
+def test_cancel_stops_the_switch_and_keeps_the_previous_model(open_page, demo_server: Server) -> None:
+    wait_idle(demo_server)
+    page = open_page()
+    models = httpx.get(f"{demo_server.url}/v1/models/status", headers=demo_server.headers).json()["models"]
+    running = sorted(m["name"] for m in models.values() if m["status"] == "running")
+    assert running, "earlier tests leave models running"
+    option(page, "GPT-OSS-120B").click()
+    expect(page.locator(".switch-banner")).to_be_visible(timeout=5000)
+    page.locator(".cancel-switch button").click()
+    # Cancelling restores what was unloaded for the switch, which takes a reload of each.
+    expect(page.locator(".switch-banner")).to_have_count(0, timeout=60_000)
+    expect(option(page, "GPT-OSS-120B")).not_to_contain_text("loading", timeout=5000)
+    for name in running:
+        expect(page.locator(".status-running button", has_text=name)).to_be_visible(timeout=5000)
+    expect(page.locator(".status-running button")).to_have_count(len(running))
+    expect(chat_box(page)).to_be_enabled()
