@@ -217,3 +217,35 @@ def test_cli_switch_shows_progress_and_finishes(server: Server) -> None:
     assert "giant" in out.stdout
     out = subprocess.run([*base, "switch", "nope", *opts], capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "Unknown model 'nope'" in out.stderr
+
+
+async def test_async_client_follows_a_switch_and_the_event_stream(server: Server) -> None:
+    from dashboard.client import AsyncSmartswitchClient
+    from dashboard.events import StatusEvent
+
+    client = AsyncSmartswitchClient(server.url, API_KEY)
+    try:
+        events = client.events()
+        first = await anext(events)
+        assert isinstance(first, StatusEvent) and "models" in first.snapshot
+        await events.aclose()
+        kinds = [event.kind async for event in client.switch_events("small")]
+        assert kinds[0] == "stage" and kinds[-1] == "complete"
+        assert (await client.status())["models"]["small"]["status"] == "running"
+    finally:
+        await client.aclose()
+
+
+def test_ctrl_c_in_the_cli_cancels_the_switch(server: Server) -> None:
+    import signal
+
+    httpx.post(f"{server.url}/v1/models/medium/unload", headers=server.headers, timeout=30)
+    cli = subprocess.Popen([sys.executable, "-m", "dashboard.cli", "switch", "medium", "--url", server.url,
+                            "--api-key", API_KEY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (status(server)["switch"] or {}).get("stage") == "loading_target", timeout=30)
+    cli.send_signal(signal.SIGINT)
+    out, _ = cli.communicate(timeout=60)
+    assert cli.returncode == 130
+    assert "Cancelling the switch" in out
+    assert status(server)["switch"] is None
+    assert status(server)["models"]["medium"]["status"] == "stopped"
