@@ -23,8 +23,11 @@ env: $(VENV)/.installed
 serve: env
 	$(VENV)/bin/smartswitch serve --host $(HOST) --port $(PORT)
 
+# Chromium for the browser tier; a real vLLM (CPU build) and tiny local models for the vLLM tier,
+# made once and cached outside the repo (~3.5 GB, a few minutes the first time).
 system-deps:
 	bash scripts/system_deps.sh
+	bash scripts/setup_vllm.sh
 
 lint: env
 	$(VENV)/bin/ruff check dashboard tests benchmarks scripts

@@ -76,6 +76,7 @@ class Progress:
         self.started = now
         self.fraction: float | None = None
         self.bytes_total: int | None = None
+        self.shards: tuple[int, int] | None = None
         self.durations: dict[str, float] = {}
         self._percent = 0
         self.finished = False
@@ -98,6 +99,7 @@ class Progress:
                 self.bytes_total = total
             case sig.ShardProgress(done=done, total=total) if total > 0 and self.phase == "loading_weights":
                 self.fraction = min(done / total, 1.0)
+                self.shards = (done, total)
 
     def finish(self, now: float) -> dict[str, float]:
         """Close the current phase; returns measured seconds per phase (for history)."""
@@ -133,7 +135,9 @@ class Progress:
             phase=self.phase,
             percent=self._percent,
             eta_s=round(remaining_here + after, 1),
-            message=PHASE_TEXT[self.phase] + (" (this may take a while)" if slow else ""),
+            message=PHASE_TEXT[self.phase]
+            + (f" (shard {self.shards[0]}/{self.shards[1]})" if self.shards and self.phase == "loading_weights" else "")
+            + (" (this may take a while)" if slow else ""),
             bytes_loaded=bytes_loaded,
             bytes_total=self.bytes_total,
             slow=slow,

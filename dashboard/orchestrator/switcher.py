@@ -378,7 +378,7 @@ class Orchestrator:
             self.last_switch_error = None
         elif isinstance(outcome, ErrorEvent):
             self.last_switch_error = {"switch_id": run.id, "target_model": run.target,
-                                      "error": outcome.error, "message": outcome.message}
+                                      "error": outcome.error, "message": outcome.message, **outcome.details}
         result = {CompleteEvent: "success", ErrorEvent: "failed", CancelledEvent: "cancelled"}[type(outcome)]
         detail: dict[str, Any] = {"switch_id": run.id, "from": run.from_model,
                                   "total_time_seconds": self._elapsed(run)}
@@ -483,7 +483,10 @@ class Orchestrator:
             return  # an engine we are stopping: its exit is expected
         run = self.run
         if run is not None and run.target == state.spec.id and run.progress is not None:
+            phase = run.progress.phase
             run.progress.on_signal(signal, time.monotonic())
+            if isinstance(signal, sig.ShardProgress | sig.CheckpointSize) or run.progress.phase != phase:
+                self._tick(run)  # real signals show at once, not on the next half-second tick
         match signal:
             case sig.ModelMemory(gib=gib):
                 state.signal_gb["weights"] = gib * 1.073741824

@@ -59,8 +59,10 @@ class SwitchBanner(pn.viewable.Viewer):
         error = self.state.error
         if not error or self.state.switching:
             return pn.pane.HTML("")
+        fits = [self.state.name_of(m) for m in error.get("suggestions") or []]
+        hint = f" Models that fit now: {', '.join(fits)}." if fits else ""
         return pn.pane.Alert(f"**Switch to {self.state.name_of(error.get('target_model'))} failed.** "
-                             f"{error.get('message', '')}", alert_type="danger",
+                             f"{error.get('message', '')}{hint}", alert_type="danger",
                              sizing_mode="stretch_width", css_classes=["switch-error"])
 
     def __panel__(self) -> pn.viewable.Viewable:

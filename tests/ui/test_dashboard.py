@@ -133,3 +133,39 @@ def test_cancel_stops_the_switch_and_keeps_the_previous_model(open_page, demo_se
         expect(page.locator(".status-running button", has_text=name)).to_be_visible(timeout=5000)
     expect(page.locator(".status-running button")).to_have_count(len(running))
     expect(chat_box(page)).to_be_enabled()
+
+
+def test_replacing_a_switch_past_half_way_asks_first(open_page, demo_server: Server) -> None:
+    wait_idle(demo_server)
+    page = open_page()
+    option(page, "GPT-OSS-120B").click()
+    expect(page.locator(".switch-banner")).to_be_visible(timeout=5000)
+    wait_percent_above(page, 50, timeout=40)
+    option(page, "Llama-3.1-8B-Instruct").click()
+    confirm = page.locator(".confirm-plan")
+    expect(confirm).to_contain_text("Switch to Llama-3.1-8B-Instruct?", timeout=5000)
+    expect(confirm).to_contain_text("This cancels the switch to GPT-OSS-120B")
+    expect(confirm).to_contain_text("GPU memory free:")
+    page.locator(".reject-switch button").click()
+    expect(confirm).to_have_count(0, timeout=5000)
+    # Nothing changed: the big switch goes on to the end.
+    expect(page.locator(".switch-banner")).to_contain_text("Switching to GPT-OSS-120B")
+    expect(page.locator(".switch-banner")).to_have_count(0, timeout=40_000)
+    expect(page.locator(".status-running button", has_text="GPT-OSS-120B")).to_be_visible()
+
+
+def test_model_manager_unloads_a_model_and_the_activity_log_shows_it(open_page, demo_server: Server) -> None:
+    wait_idle(demo_server)
+    page = open_page()
+    page.get_by_role("tab", name="Models").click()
+    row = page.locator(".tabulator-row", has_text="GPT-OSS-120B")
+    expect(row).to_be_visible(timeout=5000)
+    expect(row).to_contain_text("running")
+    row.locator(".tabulator-cell").first.click()
+    page.locator(".action-unload button").click()
+    expect(page.get_by_text("Unload GPT-OSS-120B: done")).to_be_visible(timeout=30_000)
+    expect(option(page, "GPT-OSS-120B")).to_have_text("○ GPT-OSS-120B · 183 GB", timeout=5000)
+    assert page.get_by_text(re.compile("Stopped|Not Found", re.I)).count() == 0
+    page.get_by_role("tab", name="Activity").click()
+    expect(page.locator(".tabulator-row", has_text="unload").first).to_contain_text("dashboard:anonymous",
+                                                                                    timeout=5000)

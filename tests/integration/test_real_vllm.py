@@ -1,0 +1,120 @@
+"""The orchestrator driving a real vLLM (CPU build) with tiny local models, through the real API.
+
+`make test` creates the vLLM venv and the models once (scripts/setup_vllm.sh, cached outside the repo).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from httpx_sse import connect_sse
+
+from dashboard.engines.process import pid_cmdline
+from tests.conftest import API_KEY, Server, serve_catalog, wait_for
+
+VLLM_HOME = Path(os.environ.get("SMARTSWITCH_VLLM_HOME", Path.home() / ".cache/smartswitch/vllm"))
+VLLM_PYTHON = VLLM_HOME / "venv" / "bin" / "python"
+
+pytestmark = pytest.mark.vllm
+
+if not VLLM_PYTHON.exists():  # `make test` always creates it; a bare `pytest` run may not have
+    pytest.fail(f"{VLLM_PYTHON} is missing: run scripts/setup_vllm.sh (make test does)", pytrace=False)
+
+
+def catalog(broken: Path) -> str:
+    # Each tiny model "needs" 6 of 10 virtual GB, so a switch must unload the other one first.
+    model = """
+[models.{id}]
+name = "{name}"
+engine = "vllm"
+path = "{path}"
+size_gb = 0.002
+gpu_memory_gb = 6
+args = ["--max-model-len", "256", "--dtype", "float32", "--enforce-eager"]
+env = {{ VLLM_CPU_KVCACHE_SPACE = "1" }}
+"""
+    return ('[gpu]\nsource = "virtual"\ntotal_gb = 10\n\n[switching]\nstall_timeout_s = 240\nstop_timeout_s = 20\n'
+            + model.format(id="tiny-a", name="Tiny-A", path=VLLM_HOME / "models" / "tiny-a")
+            + model.format(id="tiny-b", name="Tiny-B", path=VLLM_HOME / "models" / "tiny-b")
+            + model.format(id="broken", name="Broken", path=broken))
+
+
+def vllm_processes() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and "vllm.entrypoints.openai.api_server" in pid_cmdline(int(p.name))]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("vllm")
+    broken = root / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ this is not json")
+    srv = Server(root, serve_catalog(catalog(broken), switches_per_minute=100),
+                 extra_env={"SMARTSWITCH_VLLM_PYTHON": str(VLLM_PYTHON)})
+    yield srv
+    srv.stop()
+    wait_for(lambda: not vllm_processes(), timeout=30, message="every vLLM process to exit with the server")
+
+
+def switch(server: Server, target: str) -> list[tuple[str, dict]]:
+    with httpx.Client(timeout=httpx.Timeout(10, read=300)) as client, connect_sse(
+            client, "POST", f"{server.url}/v1/models/switch", json={"target_model": target},
+            headers=server.headers) as source:
+        return [(sse.event, sse.json()) for sse in source.iter_sse()]
+
+
+def status(server: Server) -> dict:
+    return httpx.get(f"{server.url}/v1/models/status", headers=server.headers, timeout=10).json()
+
+
+def test_real_vllm_loads_with_shard_progress_and_answers_through_the_proxy(vllm_server: Server) -> None:
+    events = switch(vllm_server, "tiny-a")
+    assert events[-1][0] == "complete" and events[-1][1]["status"] == "success", events[-1]
+    messages = [data["message"] for kind, data in events if kind == "progress"]
+    assert any("shard 10/10" in m for m in messages), messages
+    phases = [data["phase"] for kind, data in events if kind == "progress"]
+    assert phases.index("loading_weights") < phases.index("initializing") < phases.index("warming_up")
+    progress = [data["progress"] for kind, data in events if kind == "progress"]
+    assert progress == sorted(progress) and progress[-1] == 100
+    assert status(vllm_server)["models"]["tiny-a"]["status"] == "running"
+
+    client = openai.OpenAI(base_url=f"{vllm_server.url}/v1", api_key=API_KEY)
+    reply = client.chat.completions.create(model="tiny-a", max_tokens=5,
+                                           messages=[{"role": "user", "content": "hello"}])
+    assert reply.choices[0].message.content is not None and reply.usage.completion_tokens >= 1
+    stream = client.chat.completions.create(model="tiny-a", max_tokens=5, stream=True,
+                                            messages=[{"role": "user", "content": "hello"}])
+    assert sum(1 for chunk in stream if chunk.choices) >= 2
+
+
+def test_switching_between_two_real_models_and_back(vllm_server: Server) -> None:
+    events = switch(vllm_server, "tiny-b")
+    assert events[-1][0] == "complete", events[-1]
+    stages = [data["stage"] for kind, data in events if kind == "stage"]
+    assert stages == ["checking_memory", "unloading_models", "loading_target"]
+    models = status(vllm_server)["models"]
+    assert (models["tiny-a"]["status"], models["tiny-b"]["status"]) == ("stopped", "running")
+    assert len(vllm_processes()) >= 1
+    events = switch(vllm_server, "tiny-a")
+    assert events[-1][0] == "complete"
+    models = status(vllm_server)["models"]
+    assert (models["tiny-a"]["status"], models["tiny-b"]["status"]) == ("running", "stopped")
+    # The second load of tiny-a was planned with its own measured history.
+    assert models["tiny-a"]["estimated_load_time_seconds"] > 5
+
+
+def test_broken_model_directory_fails_with_vllms_own_error_and_rolls_back(vllm_server: Server) -> None:
+    events = switch(vllm_server, "broken")
+    kind, data = events[-1]
+    assert kind == "error" and data["error"] == "engine_failed"
+    assert "config.json" in data["message"]
+    assert data["rolled_back"] == ["tiny-a"]
+    models = status(vllm_server)["models"]
+    assert models["broken"]["status"] == "failed" and "config.json" in models["broken"]["error"]
+    assert models["tiny-a"]["status"] == "running"
