@@ -149,23 +149,27 @@ def test_replacing_a_switch_past_half_way_asks_first(open_page, demo_server: Ser
     page.locator(".reject-switch button").click()
     expect(confirm).to_have_count(0, timeout=5000)
     # Nothing changed: the big switch goes on to the end.
-    expect(page.locator(".switch-banner")).to_contain_text("Switching to GPT-OSS-120B")
+    expect(page.locator(".switch-banner")).to_contain_text("to GPT-OSS-120B...")
     expect(page.locator(".switch-banner")).to_have_count(0, timeout=40_000)
     expect(page.locator(".status-running button", has_text="GPT-OSS-120B")).to_be_visible()
 
 
 def test_model_manager_unloads_a_model_and_the_activity_log_shows_it(open_page, demo_server: Server) -> None:
     wait_idle(demo_server)
+    httpx.post(f"{demo_server.url}/v1/models/switch", json={"target_model": "llama-3.1-8b-instruct", "stream": False},
+               headers=demo_server.headers, timeout=60)
     page = open_page()
-    page.get_by_role("tab", name="Models").click()
-    row = page.locator(".tabulator-row", has_text="GPT-OSS-120B")
-    expect(row).to_be_visible(timeout=5000)
-    expect(row).to_contain_text("running")
-    row.locator(".tabulator-cell").first.click()
+    page.locator(".bk-tab", has_text="Models").click()
+    row = page.locator(".model-table .tabulator-row", has_text="Llama-3.1-8B-Instruct")
+    expect(row).to_contain_text("running", timeout=5000)
+    row.locator('.tabulator-cell[tabulator-field="model"]').click()
     page.locator(".action-unload button").click()
-    expect(page.get_by_text("Unload GPT-OSS-120B: done")).to_be_visible(timeout=30_000)
-    expect(option(page, "GPT-OSS-120B")).to_have_text("○ GPT-OSS-120B · 183 GB", timeout=5000)
+    expect(page.get_by_text("Unload Llama-3.1-8B-Instruct: done")).to_be_visible(timeout=30_000)
+    # A stopped model shows its name and size only: no status words.
+    expect(option(page, "Llama-3.1-8B-Instruct")).to_have_text(re.compile(r"○ Llama-3\.1-8B-Instruct · 16 GB$"),
+                                                                timeout=5000)
+    expect(row).not_to_contain_text("running")
     assert page.get_by_text(re.compile("Stopped|Not Found", re.I)).count() == 0
-    page.get_by_role("tab", name="Activity").click()
-    expect(page.locator(".tabulator-row", has_text="unload").first).to_contain_text("dashboard:anonymous",
+    page.locator(".bk-tab", has_text="Activity").click()
+    expect(page.locator(".activity .tabulator-row", has_text="unload").first).to_contain_text("dashboard:anonymous",
                                                                                     timeout=5000)
