@@ -27,6 +27,7 @@ serve: env
 # made once and cached outside the repo (~3.5 GB, a few minutes the first time).
 system-deps:
 	bash scripts/system_deps.sh
+	bash scripts/setup_docker.sh
 	bash scripts/setup_vllm.sh
 
 lint: env

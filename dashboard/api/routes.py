@@ -16,7 +16,7 @@ from tornado.web import RequestHandler
 from dashboard.api.auth import KeyRing, load_keys
 from dashboard.api.ratelimit import RateLimiter
 from dashboard.errors import ModelNotRunning, SmartswitchError, UnknownModel
-from dashboard.events import Event, to_sse
+from dashboard.events import Event, to_dict, to_sse
 from dashboard.orchestrator.core import OrchestratorPort, get_orchestrator
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class SwitchHandler(SseHandler):
             async for event in events:
                 last = event
             assert last is not None
-            self.send_json({"event": last.kind, **json.loads(to_sse(last).split("data: ", 1)[1])})
+            self.send_json({"event": last.kind, **to_dict(last)})
             return
         self.start_sse()
         async for event in events:

@@ -24,28 +24,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def engine_command(spec: ModelSpec, port: int, *, host: str = "127.0.0.1",
-                   gpu_total_gb: float | None = None) -> list[str]:
-    """The command line that serves ``spec``; it names the model id so ``ps`` tells engines apart."""
+def engine_args(spec: ModelSpec, port: int, *, host: str = "127.0.0.1",
+                gpu_total_gb: float | None = None) -> list[str]:
+    """The engine's arguments (after its program): they name the model id, so ``ps`` tells engines apart."""
     if spec.engine == "sim":
-        command = [sys.executable, "-m", "dashboard.engines.sim", "--model-id", spec.id,
-                   "--host", host, "--port", str(port), "--size-gb", f"{spec.size_gb:g}",
-                   "--gpu-memory-gb", f"{spec.gpu_memory_gb:g}"]
+        args = ["--model-id", spec.id, "--host", host, "--port", str(port), "--size-gb", f"{spec.size_gb:g}",
+                "--gpu-memory-gb", f"{spec.gpu_memory_gb:g}"]
         if spec.sleep:
-            command.append("--sleep-mode")
-        return [*command, *spec.args]
-    python = os.environ.get(VLLM_PYTHON_ENV, sys.executable)
-    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", spec.path,
-               "--served-model-name", spec.id, "--host", host, "--port", str(port)]
+            args.append("--sleep-mode")
+        return [*args, *spec.args]
+    args = ["--model", spec.path, "--served-model-name", spec.id, "--host", host, "--port", str(port)]
     if spec.tensor_parallel_size > 1:
-        command += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+        args += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
     if gpu_total_gb and "--gpu-memory-utilization" not in spec.args:
         # vLLM takes a share of the whole GPU: give it exactly the planned footprint.
         share = min(spec.gpu_memory_gb / gpu_total_gb, 0.95)
-        command += ["--gpu-memory-utilization", f"{share:.3f}"]
+        args += ["--gpu-memory-utilization", f"{share:.3f}"]
     if spec.sleep:
-        command.append("--enable-sleep-mode")
-    return [*command, *spec.args]
+        args.append("--enable-sleep-mode")
+    return [*args, *spec.args]
+
+
+def engine_command(spec: ModelSpec, port: int, *, gpu_total_gb: float | None = None) -> list[str]:
+    """The local command line that serves ``spec`` on 127.0.0.1."""
+    if spec.engine == "sim":
+        program = [sys.executable, "-m", "dashboard.engines.sim"]
+    else:
+        program = [os.environ.get(VLLM_PYTHON_ENV, sys.executable), "-m", "vllm.entrypoints.openai.api_server"]
+    return [*program, *engine_args(spec, port, gpu_total_gb=gpu_total_gb)]
 
 
 def engine_env(spec: ModelSpec) -> dict[str, str]:

@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,7 +75,12 @@ class OrchestratorPort:
         gpu_total = gpu.read([]).total_gb if gpu.source == "nvml" else None
         factory = engine_factory or make_engine_factory(config, self.data_dir, gpu_total)
         self.loop = asyncio.new_event_loop()
-        self.core = Orchestrator(config, gpu, self.history, factory)
+        sweep = None
+        if any(m.runtime == "docker" for m in config.models.values()):
+            from dashboard.engines.docker import sweep as sweep_containers
+
+            sweep = partial(sweep_containers, str(self.data_dir))
+        self.core = Orchestrator(config, gpu, self.history, factory, sweep)
         self._thread = threading.Thread(target=self.loop.run_forever, name="smartswitch-orchestrator",
                                         daemon=True)
         self._closed = False

@@ -101,8 +101,10 @@ class SwitchRun:
 class Orchestrator:
     """Owns the model states and the running switch; every change becomes an event."""
 
-    def __init__(self, config: Config, gpu: GpuMonitor, history: History, engine_factory: EngineFactory) -> None:
+    def __init__(self, config: Config, gpu: GpuMonitor, history: History, engine_factory: EngineFactory,
+                 sweep: Callable[[set[str]], list[str]] | None = None) -> None:
         self.config = config
+        self.sweep = sweep  # removes labelled containers of ours that were not adopted
         self.gpu = gpu
         self.history = history
         self.engine_factory = engine_factory
@@ -180,6 +182,10 @@ class Orchestrator:
                 state.status, state.error = "failed", "Load interrupted by an orchestrator restart."
             self.history.audit("orchestrator", "adopt", record.model_id,
                                "cleaned_up" if was_alive else "gone", {"ref": record.ref})
+        if self.sweep is not None:
+            adopted = {s.engine.ref for s in self.models.values() if s.engine is not None}
+            for model_id in await asyncio.to_thread(self.sweep, adopted):
+                self.history.audit("orchestrator", "adopt", model_id, "cleaned_up", {"reason": "unknown container"})
 
     # Reading ----------------------------------------------------------------------------------
     def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:

@@ -1,0 +1,162 @@
+"""Engines as Docker containers (docker SDK): labelled, port bound to 127.0.0.1, logs into the parser."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import docker
+from docker.errors import DockerException, ImageNotFound, NotFound
+from docker.types import DeviceRequest
+
+from dashboard.config import ModelSpec
+from dashboard.engines.base import Engine
+from dashboard.engines.process import engine_args
+
+LABEL_MODEL = "smartswitch.model"
+LABEL_INSTANCE = "smartswitch.instance"
+
+
+class DockerUnavailable(RuntimeError):
+    """The Docker daemon cannot be reached or the image is missing: said so plainly."""
+
+
+def docker_client() -> docker.DockerClient:
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+        return client
+    except DockerException as exc:
+        raise DockerUnavailable(f"The Docker daemon is not reachable ({exc}). Start it (dockerd) "
+                                "or set DOCKER_HOST.") from None
+
+
+class DockerEngine(Engine):
+    """A model served from a container; ``ref`` is the container id."""
+
+    runtime = "docker"
+
+    def __init__(self, spec: ModelSpec, port: int, *, instance: str, container_id: str | None = None,
+                 gpu_total_gb: float | None = None, **kwargs: float) -> None:
+        super().__init__(spec, port, **kwargs)
+        self.instance = instance
+        self.container_id = container_id
+        self.gpu_total_gb = gpu_total_gb
+        self._container: Any = None
+
+    @property
+    def ref(self) -> str:
+        return self.container_id or ""
+
+    def container(self) -> Any:
+        if self._container is None:
+            if self.container_id is None:
+                raise DockerUnavailable("no container")
+            self._container = docker_client().containers.get(self.container_id)
+        return self._container
+
+    async def _spawn(self) -> None:
+        await asyncio.to_thread(self._run_container)
+
+    def _run_container(self) -> None:
+        client = docker_client()
+        spec = self.spec
+        # Inside the container the engine listens on all interfaces; the host side is 127.0.0.1 only.
+        args = engine_args(spec, self.port, host="0.0.0.0", gpu_total_gb=self.gpu_total_gb)
+        options: dict[str, Any] = {
+            "command": args, "detach": True, "name": f"smartswitch-{spec.id}-{self.port}",
+            "labels": {LABEL_MODEL: spec.id, LABEL_INSTANCE: self.instance},
+            "ports": {f"{self.port}/tcp": ("127.0.0.1", self.port)},
+            "environment": {**dict(spec.env), "PYTHONUNBUFFERED": "1"},
+        }
+        if spec.engine == "vllm" and spec.path:
+            options["volumes"] = {spec.path: {"bind": spec.path, "mode": "ro"}}
+        if self.gpu_total_gb:
+            options["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+            options["ipc_mode"] = "host"  # vLLM's workers share memory
+        try:
+            client.images.get(spec.image)  # never pull implicitly: a switch must not start a download
+            self._container = client.containers.run(spec.image, **options)
+        except ImageNotFound:
+            raise DockerUnavailable(f"The image {spec.image!r} is not on this machine: pull or build it "
+                                    f"(docker pull {spec.image}).") from None
+        except DockerException as exc:
+            raise DockerUnavailable(f"Docker could not start {spec.id}: {exc}") from None
+        self.container_id = self._container.id
+
+    async def _output(self, from_start: bool) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[str | None] = asyncio.Queue()
+        since = None if from_start else int(time.time())
+
+        def follow() -> None:
+            # The SDK's log stream blocks; a daemon thread hands chunks to the loop.
+            try:
+                for chunk in self.container().logs(stream=True, follow=True, since=since):
+                    loop.call_soon_threadsafe(inbox.put_nowait, chunk.decode(errors="replace"))
+            except Exception:  # the container went away: its exit is reported by _wait_exit
+                pass
+            finally:
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(inbox.put_nowait, None)
+
+        threading.Thread(target=follow, name=f"{self.spec.id}-logs", daemon=True).start()
+        while (chunk := await inbox.get()) is not None:
+            yield chunk
+        while True:  # no more output: stay quiet, as a process whose log ended would
+            await asyncio.sleep(3600)
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            container = self.container()
+            container.reload()
+            return dict(container.attrs.get("State", {}))
+        except (NotFound, DockerUnavailable):
+            return {"Status": "removed", "ExitCode": None}
+
+    def alive(self) -> bool:
+        state = self._state()
+        return state.get("Status") == "running" and \
+            self.container().labels.get(LABEL_INSTANCE) == self.instance
+
+    async def _wait_exit(self) -> int | None:
+        while True:
+            state = await asyncio.to_thread(self._state)
+            if state.get("Status") not in ("running", "created", "restarting"):
+                return state.get("ExitCode")
+            await asyncio.sleep(0.2)
+
+    def pids(self) -> tuple[int, ...]:
+        try:
+            top = self.container().top()
+            column = top["Titles"].index("PID")
+            return tuple(int(row[column]) for row in top["Processes"])
+        except Exception:  # stopped or removed: no processes
+            return ()
+
+    async def _terminate(self, timeout: float) -> None:
+        def stop() -> None:
+            try:
+                container = self.container()
+                container.stop(timeout=int(max(timeout, 1)))
+                container.remove(force=True)
+            except (NotFound, DockerUnavailable):
+                pass
+        await asyncio.to_thread(stop)
+
+
+def sweep(instance: str, keep: set[str]) -> list[str]:
+    """Remove this instance's labelled containers that nobody adopted; returns their model ids."""
+    try:
+        client = docker_client()
+    except DockerUnavailable:
+        return []
+    removed = []
+    for container in client.containers.list(all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"}):
+        if container.id not in keep:
+            container.remove(force=True)
+            removed.append(container.labels.get(LABEL_MODEL, "?"))
+    return removed

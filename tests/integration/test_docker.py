@@ -1,0 +1,132 @@
+"""Containerised engines through the orchestrator, against the real Docker engine (`make test` starts it and
+builds `smartswitch-sim:latest`, a stand-in for vllm/vllm-openai that runs the sim engine)."""
+
+from __future__ import annotations
+
+import threading
+
+import docker
+import pytest
+
+from dashboard.engines.docker import LABEL_INSTANCE, LABEL_MODEL
+from dashboard.events import CompleteEvent, ErrorEvent, ProgressEvent, StageEvent, SwitchEvent
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.docker
+
+CATALOG = """
+[gpu]
+source = "virtual"
+total_gb = 100
+
+[switching]
+stall_timeout_s = 20
+stop_timeout_s = 5
+
+[models.box-a]
+name = "Box-A"
+runtime = "docker"
+image = "smartswitch-sim:latest"
+size_gb = 60
+gpu_memory_gb = 60
+args = ["--load-seconds", "1.5"]
+
+[models.box-b]
+name = "Box-B"
+runtime = "docker"
+image = "smartswitch-sim:latest"
+size_gb = 50
+gpu_memory_gb = 50
+args = ["--load-seconds", "3"]
+
+[models.missing-image]
+name = "Missing"
+runtime = "docker"
+image = "smartswitch-no-such-image:latest"
+size_gb = 1
+gpu_memory_gb = 1
+"""
+
+
+@pytest.fixture
+def catalog_text() -> str:
+    return CATALOG
+
+
+@pytest.fixture
+def client():
+    client = docker.from_env()
+    yield client
+    # Whatever a test did, no container of ours may outlive it.
+    leftovers = client.containers.list(all=True, filters={"label": LABEL_MODEL})
+    for container in leftovers:
+        container.remove(force=True)
+    assert not leftovers, [c.name for c in leftovers]
+
+
+def ours(client, port) -> dict[str, str]:
+    found = client.containers.list(filters={"label": f"{LABEL_INSTANCE}={port.data_dir}"})
+    return {c.labels[LABEL_MODEL]: c.status for c in found}
+
+
+def test_switching_between_containerised_models(client, make_port) -> None:
+    port = make_port()
+    events: list[SwitchEvent] = []
+    assert port.switch_and_wait("box-a", "test", events.append, timeout=60).kind == "complete"
+    assert ours(client, port) == {"box-a": "running"}
+    events.clear()
+    final = port.switch_and_wait("box-b", "test", events.append, timeout=60)
+    assert isinstance(final, CompleteEvent) and final.status == "success"
+    assert [e.stage for e in events if isinstance(e, StageEvent)] == \
+        ["checking_memory", "unloading_models", "loading_target"]
+    assert any(isinstance(e, ProgressEvent) and "shard" in e.message for e in events)
+    assert ours(client, port) == {"box-b": "running"}
+    port.close()
+    assert ours(client, port) == {}
+
+
+def test_container_killed_mid_load_rolls_back(client, make_port) -> None:
+    port = make_port()
+    port.switch_and_wait("box-a", "test", timeout=60)
+    events: list[SwitchEvent] = []
+    thread = threading.Thread(target=lambda: port.switch_and_wait("box-b", "test", events.append, 60), daemon=True)
+    thread.start()
+    wait_for(lambda: any(isinstance(e, ProgressEvent) and e.phase == "loading_weights" for e in events),
+             timeout=30, message="box-b to load weights")
+    victim = client.containers.list(filters={"label": f"{LABEL_MODEL}=box-b"})[0]
+    victim.kill()
+    thread.join(60)
+    final = events[-1]
+    assert isinstance(final, ErrorEvent) and final.error == "engine_failed"
+    assert final.details["rolled_back"] == ["box-a"]
+    assert ours(client, port) == {"box-a": "running"}
+    assert port.status()["models"]["box-b"]["status"] == "failed"
+
+
+def test_restarted_orchestrator_adopts_the_running_container(client, make_port, tmp_path) -> None:
+    port = make_port(data_dir=tmp_path / "kept")
+    port.switch_and_wait("box-a", "test", timeout=60)
+    container_id = client.containers.list(filters={"label": f"{LABEL_MODEL}=box-a"})[0].id
+    port.close(stop_engines=False)
+    assert ours(client, port) == {"box-a": "running"}
+    again = make_port(data_dir=tmp_path / "kept")
+    assert again.status()["models"]["box-a"]["status"] == "running"
+    assert again.switch_and_wait("box-a", "test", timeout=30).status == "already_loaded"
+    assert client.containers.get(container_id).status == "running"
+    assert any(e["action"] == "adopt" and e["outcome"] == "running" for e in again.audit_log())
+
+
+def test_missing_image_is_a_clear_error(client, make_port) -> None:
+    port = make_port()
+    final = port.switch_and_wait("missing-image", "test", timeout=30)
+    assert isinstance(final, ErrorEvent)
+    assert "smartswitch-no-such-image:latest" in final.message and "not on this machine" in final.message
+
+
+def test_docker_daemon_down_is_a_clear_error(client, make_port, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-daemon.sock")
+    port = make_port()
+    final = port.switch_and_wait("box-a", "test", timeout=30)
+    assert isinstance(final, ErrorEvent)
+    assert "Docker daemon is not reachable" in final.message
+    assert port.status()["models"]["box-a"]["status"] == "failed"
