@@ -57,6 +57,7 @@ class SwitchSettings:
     stop_timeout_s: float = 30.0
     health_interval_s: float = 2.0
     memory_release_timeout_s: float = 60.0
+    host_ram_gb: float | None = None  # host RAM for sleeping models' weights (default: what is free)
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,8 @@ class _Reader:
 
     def switching(self, raw: dict[str, Any], models: dict[str, ModelSpec]) -> SwitchSettings:
         fields = ("strategy", "auto_unload", "confirm_before_unload", "preserve_models",
-                  "stall_timeout_s", "stop_timeout_s", "health_interval_s", "memory_release_timeout_s")
+                  "stall_timeout_s", "stop_timeout_s", "health_interval_s", "memory_release_timeout_s",
+                  "host_ram_gb")
         self.check_keys("switching", raw, fields)
         preserve = self.strings("switching", raw, "preserve_models")
         for model_id in preserve:
@@ -274,6 +276,7 @@ class _Reader:
             health_interval_s=self.number("switching", raw, "health_interval_s", d.health_interval_s) or 0,
             memory_release_timeout_s=self.number("switching", raw, "memory_release_timeout_s",
                                                  d.memory_release_timeout_s) or 0,
+            host_ram_gb=self.number("switching", raw, "host_ram_gb", None, positive=False),
         )
 
     def server(self, raw: dict[str, Any]) -> ServerSettings:

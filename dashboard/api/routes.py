@@ -276,7 +276,11 @@ class ChatHandler(ApiHandler):
                     f"{model_id} is not running (running: {active or 'none'}). Switch first: "
                     f"POST /v1/models/switch {{\"target_model\": \"{model_id}\"}}.",
                     requested_model=model_id, running_model=active)
-        endpoint = port.status()["models"][model_id].get("endpoint")
+        with port.request(model_id):
+            await self._forward(model_id, raw, bool(body.get("stream")))
+
+    async def _forward(self, model_id: str, raw: bytes, stream: bool) -> None:
+        endpoint = self.ctx.port.status()["models"][model_id].get("endpoint")
         request = self.ctx.proxy.build_request("POST", f"{endpoint}/v1/chat/completions", content=raw,
                                                headers={"Content-Type": "application/json"})
         try:
@@ -287,7 +291,7 @@ class ChatHandler(ApiHandler):
         try:
             self.set_status(response.status_code)
             self.set_header("Content-Type", response.headers.get("content-type", "application/json"))
-            if body.get("stream"):
+            if stream:
                 self.set_header("Cache-Control", "no-cache")
                 self.set_header("X-Accel-Buffering", "no")
             async for chunk in response.aiter_raw():

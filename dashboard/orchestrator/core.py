@@ -11,8 +11,9 @@ import atexit
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -193,6 +194,16 @@ class OrchestratorPort:
     async def aensure_running(self, model_id: str, actor: str = "api") -> None:
         """Wait in the visible request queue until ``model_id`` runs, switching to it if needed."""
         await self._arun(self.core.ensure_running(model_id, actor))
+
+    @contextmanager
+    def request(self, model_id: str) -> Iterator[None]:
+        """Count a proxied request as in flight for ``model_id`` (a sleep waits for it to finish)."""
+        self.loop.call_soon_threadsafe(self.core.request_started, model_id)
+        try:
+            yield
+        finally:
+            if not self._closed:
+                self.loop.call_soon_threadsafe(self.core.request_finished, model_id)
 
     # Events -----------------------------------------------------------------------------------
     def subscribe(self, callback: Callable[[Event], None],

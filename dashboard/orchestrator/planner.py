@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 # Memory figures are compared with a small tolerance: GB values come from floats.
 EPSILON_GB = 1e-6
+# A model asleep at level 1 keeps its CUDA context and some buffers: about this share of its memory.
+SLEEP_RESIDUAL = 0.05
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,8 @@ class LoadedModel:
     id: str
     gpu_gb: float
     last_used: float = 0.0
+    can_sleep: bool = False  # sleep-capable and awake: level-1 sleep moves its weights to host RAM
+    host_gb: float = 0.0  # host RAM its weights need while asleep
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class Plan:
     required_gb: float
     free_gb_before: float
     unload: tuple[str, ...] = ()
+    sleep: tuple[str, ...] = ()  # the subset of ``unload`` put to sleep instead of stopped
     free_gb_after: float = 0.0
     can_free_gb: float = 0.0
     feasible: bool = True
@@ -39,6 +44,7 @@ class Plan:
             "feasible": self.feasible,
             "already_loaded": self.already_loaded,
             "unload": list(self.unload),
+            "sleep": list(self.sleep),
             "required_gb": round(self.required_gb, 2),
             "available_gb": round(self.free_gb_before, 2),
             "free_gb_after": round(self.free_gb_after, 2),
@@ -56,8 +62,13 @@ def plan(
     strategy: str = "largest_first",
     pinned: Collection[str] = (),
     allow_unload: bool = True,
+    host_free_gb: float = 0.0,
 ) -> Plan:
-    """Choose victims by ``strategy`` until ``required_gb`` fits; pinned models are never chosen."""
+    """Choose victims by ``strategy`` until ``required_gb`` fits; pinned models are never chosen.
+
+    Sleep-capable victims are put to sleep instead of stopped while ``host_free_gb`` can hold their
+    weights (a wake takes seconds, a cold load minutes); a sleeping model keeps a small residual.
+    """
     free_gb = max(free_gb, 0.0)
     if any(m.id == target for m in loaded):
         return Plan(target, required_gb, free_gb, free_gb_after=free_gb, already_loaded=True,
@@ -80,14 +91,22 @@ def plan(
                     reason=(f"Cannot free enough memory: need {required_gb:g} GB, {free_gb:.1f} GB free, "
                             f"unloading everything unpinned frees {can_free:.1f} GB.{hint}"))
 
-    victims: list[LoadedModel] = []
-    freed = free_gb
-    for model in _victim_order(candidates, strategy):
+    for allow_sleep in (True, False):  # residuals of sleepers may not fit: then stop them all
+        victims, sleepers = [], []
+        freed, host_left = free_gb, host_free_gb
+        for model in _victim_order(candidates, strategy):
+            if freed + EPSILON_GB >= required_gb:
+                break
+            victims.append(model.id)
+            if allow_sleep and model.can_sleep and model.host_gb <= host_left:
+                sleepers.append(model.id)
+                host_left -= model.host_gb
+                freed += model.gpu_gb * (1 - SLEEP_RESIDUAL)
+            else:
+                freed += model.gpu_gb
         if freed + EPSILON_GB >= required_gb:
             break
-        victims.append(model)
-        freed += model.gpu_gb
-    return Plan(target, required_gb, free_gb, unload=tuple(m.id for m in victims),
+    return Plan(target, required_gb, free_gb, unload=tuple(victims), sleep=tuple(sleepers),
                 free_gb_after=freed - required_gb, can_free_gb=can_free)
 
 

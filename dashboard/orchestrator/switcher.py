@@ -38,7 +38,7 @@ from dashboard.events import (
 )
 from dashboard.gpu.base import EngineMemory, GpuMonitor, GpuReading
 from dashboard.orchestrator.history import EngineRecord, History
-from dashboard.orchestrator.planner import LoadedModel, Plan, plan
+from dashboard.orchestrator.planner import SLEEP_RESIDUAL, LoadedModel, Plan, plan
 from dashboard.orchestrator.progress import (
     FALLBACK_UNLOAD_S,
     LOAD_PHASES,
@@ -50,7 +50,7 @@ from dashboard.orchestrator.progress import (
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[ModelSpec, int | None, str | None], Engine]
-SLEEPING_SHARE = 0.05  # level-1 sleep keeps roughly the CUDA context and buffers on the GPU
+DRAIN_TIMEOUT_S = 30.0
 TICK_S = 0.5
 LOADED = ("loading", "running", "sleeping", "unloading")
 
@@ -77,7 +77,7 @@ class ModelState:
     @property
     def declared_gb(self) -> float:
         if self.status == "sleeping":
-            return round(self.required_gb * SLEEPING_SHARE, 2)
+            return round(self.required_gb * SLEEP_RESIDUAL, 2)
         return self.required_gb if self.status in LOADED or self.engine is not None else 0.0
 
 
@@ -114,6 +114,7 @@ class Orchestrator:
         self.listeners: set[Callable[[Event], None]] = set()
         self.last_switch_error: dict[str, Any] | None = None
         self.waiting: dict[str, int] = {}
+        self.inflight: dict[str, int] = {}  # proxied requests per model, drained before a sleep
         self.reading = GpuReading(gpu.source, 0.0, 0.0)
         self._expected: dict[str, dict[str, float]] = {}
         self._snapshot: dict[str, Any] = {}
@@ -206,14 +207,30 @@ class Orchestrator:
 
     def plan(self, target: str) -> Plan:
         state = self.check_model(target)
-        loaded = [LoadedModel(mid, self.reading.per_model.get(mid, s.declared_gb), s.last_used)
+        loaded = [LoadedModel(mid, self.reading.per_model.get(mid, s.declared_gb), s.last_used,
+                              can_sleep=s.spec.sleep and s.status == "running", host_gb=s.spec.size_gb)
                   for mid, s in self.models.items() if s.engine is not None and mid != target]
         if state.engine is not None and state.status in ("running", "loading"):
             loaded.append(LoadedModel(target, state.declared_gb, state.last_used))
+        # A sleeping target already holds its residual; waking needs only the rest.
+        required = state.required_gb - (state.declared_gb if state.status == "sleeping" else 0.0)
         # Memory held by processes that are not ours counts as used and cannot be freed.
-        return plan(loaded, self.reading.free_gb, target, state.required_gb,
+        return plan(loaded, self.reading.free_gb, target, required,
                     strategy=self.config.switching.strategy, pinned=self.pinned,
-                    allow_unload=self.config.switching.auto_unload)
+                    allow_unload=self.config.switching.auto_unload, host_free_gb=self.host_free_gb())
+
+    def host_free_gb(self) -> float:
+        """Host RAM left for sleeping models' weights: the configured budget, else what is available."""
+        asleep = sum(s.spec.size_gb for s in self.models.values() if s.status == "sleeping")
+        budget = self.config.switching.host_ram_gb
+        if budget is not None:
+            return max(budget - asleep, 0.0)
+        try:
+            with open("/proc/meminfo") as meminfo:
+                fields = dict(line.split(":", 1) for line in meminfo)
+            return int(fields["MemAvailable"].split()[0]) * 1024 / 1e9
+        except (OSError, KeyError, ValueError):
+            return 0.0
 
     def expected(self, model_id: str) -> dict[str, float]:
         if model_id not in self._expected:
@@ -259,9 +276,6 @@ class Orchestrator:
             self._stage(run, "checking_memory", f"Checking GPU memory for {target.spec.name}")
             if target.status == "running":
                 outcome = CompleteEvent(run.id, "already_loaded", run.target, self._elapsed(run))
-            elif target.status == "sleeping":
-                await self._wake(run.target)
-                outcome = CompleteEvent(run.id, "success", run.target, self._elapsed(run))
             else:
                 outcome = await self._switch_to_cold(run)
         except asyncio.CancelledError:
@@ -275,7 +289,8 @@ class Orchestrator:
 
     async def _switch_to_cold(self, run: SwitchRun) -> Event:
         target = self.models[run.target]
-        if target.engine is not None:  # a failed engine still holding memory
+        waking = target.status == "sleeping"
+        if target.engine is not None and not waking:  # a failed engine still holding memory
             await self._stop(run.target)
         self._refresh_gpu()
         the_plan = self.plan(run.target)
@@ -290,15 +305,26 @@ class Orchestrator:
             expected["unloading"] = sum(self._expected_stop(mid) for mid in the_plan.unload)
         run.progress = Progress(expected, time.monotonic())
         if the_plan.unload:
-            names = ", ".join(self.models[m].spec.name for m in the_plan.unload)
+            names = ", ".join(self.models[m].spec.name + (" (to sleep)" if m in the_plan.sleep else "")
+                              for m in the_plan.unload)
             self._stage(run, "unloading_models", f"Unloading {names}")
             for victim in the_plan.unload:
                 started = time.monotonic()
                 run.unloaded.append(victim)  # before the stop: a cancel mid-stop must still restore it
+                if victim in the_plan.sleep:
+                    await self._put_to_sleep(victim)
+                    self._tick(run)
+                    continue
                 await self._stop(victim)
                 self.history.record_load(victim, {"stopping": time.monotonic() - started}, 0, "unloaded")
                 self._tick(run)
             await self._await_memory(run, the_plan.required_gb)
+        if waking:  # seconds instead of a cold load: no load history is recorded for it
+            self._stage(run, "loading_target", f"Waking {target.spec.name}")
+            await self._wake(run.target, run.actor)
+            run.progress.finish(time.monotonic())
+            self._tick(run)
+            return CompleteEvent(run.id, "success", run.target, self._elapsed(run))
         self._stage(run, "loading_target", f"Loading {target.spec.name}")
         run.progress.enter("starting", time.monotonic())
         await self._load(run.target, run)
@@ -369,6 +395,10 @@ class Orchestrator:
         for model_id in run.unloaded:
             try:
                 self._refresh_gpu()
+                if self.models[model_id].status == "sleeping":
+                    await self._wake(model_id)
+                    restored.append(model_id)
+                    continue
                 if self.reading.free_gb + 1e-6 < self.models[model_id].required_gb:
                     continue
                 await self._load(model_id, None)
@@ -566,6 +596,12 @@ class Orchestrator:
             self.waiting[model_id] -= 1
             self._changed()
 
+    def request_started(self, model_id: str) -> None:
+        self.inflight[model_id] = self.inflight.get(model_id, 0) + 1
+
+    def request_finished(self, model_id: str) -> None:
+        self.inflight[model_id] = max(self.inflight.get(model_id, 0) - 1, 0)
+
     # Model manager actions --------------------------------------------------------------------
     def _idle_or_raise(self) -> None:
         if self.run is not None:
@@ -614,23 +650,41 @@ class Orchestrator:
             raise Conflict(f"{state.spec.name} is not sleep-capable (set sleep = true in the catalog).")
         if state.status != "running" or state.engine is None:
             raise ModelNotRunning(f"{state.spec.name} is {state.status}; only a running model can sleep.")
-        async with httpx.AsyncClient(timeout=60.0) as client:
-            response = await client.post(f"{state.engine.base_url}/sleep", params={"level": 1})
-            response.raise_for_status()
+        await self._put_to_sleep(model_id)
+        self.history.audit(actor, "sleep", model_id, "success")
+
+    async def _put_to_sleep(self, model_id: str) -> None:
+        """Level-1 sleep (weights to host RAM), after the requests in flight have finished."""
+        state = self.models[model_id]
+        assert state.engine is not None
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while self.inflight.get(model_id, 0) > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # sleeping with requests in flight has crashed engines
+        try:
+            async with httpx.AsyncClient(timeout=120.0) as client:
+                (await client.post(f"{state.engine.base_url}/sleep", params={"level": 1})).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise EngineFailed(f"{state.spec.name} could not be put to sleep: {exc}") from exc
         state.status = "sleeping"
         self._refresh_gpu()
         self._changed()
-        self.history.audit(actor, "sleep", model_id, "success")
 
     async def _wake(self, model_id: str, actor: str = "orchestrator") -> None:
+        """Wake, then prove readiness: /is_sleeping false and a one-token request answered."""
         state = self.models[model_id]
         if state.engine is None:
             raise ModelNotRunning(f"{state.spec.name} has no engine to wake.")
-        async with httpx.AsyncClient(timeout=60.0) as client:
-            (await client.post(f"{state.engine.base_url}/wake_up")).raise_for_status()
-            asleep = (await client.get(f"{state.engine.base_url}/is_sleeping")).json().get("is_sleeping")
-            if asleep:
-                raise EngineFailed(f"{state.spec.name} did not wake up.")
+        base = state.engine.base_url
+        try:
+            async with httpx.AsyncClient(timeout=120.0) as client:
+                (await client.post(f"{base}/wake_up")).raise_for_status()
+                if (await client.get(f"{base}/is_sleeping")).json().get("is_sleeping"):
+                    raise EngineFailed(f"{state.spec.name} did not wake up.")
+                probe = await client.post(f"{base}/v1/chat/completions", json={
+                    "model": model_id, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]})
+                probe.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise EngineFailed(f"{state.spec.name} did not come back from sleep: {exc}") from exc
         state.status, state.last_used = "running", time.time()
         self._refresh_gpu()
         self._changed()

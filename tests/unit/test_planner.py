@@ -69,3 +69,26 @@ def test_plan_never_unloads_more_than_needed(rows, free_gb, required_gb) -> None
         # Without the last victim the target would not have fitted.
         kept_back = sum(m.gpu_gb for m in loaded if m.id in result.unload[:-1])
         assert free_gb + kept_back < required_gb
+
+
+def test_sleep_capable_victim_sleeps_when_host_ram_holds_it() -> None:
+    loaded = [LoadedModel("small", 20, can_sleep=True, host_gb=16)]
+    assert plan(loaded, free_gb=60, target="big", required_gb=70, host_free_gb=30).sleep == ("small",)
+    assert plan(loaded, free_gb=60, target="big", required_gb=70, host_free_gb=10).sleep == ()
+
+
+sleepy = st.lists(
+    st.tuples(st.floats(1, 100), st.booleans(), st.floats(0, 100)), max_size=6
+).map(lambda rows: [LoadedModel(f"m{i}", gb, i, can_sleep=cs, host_gb=h) for i, (gb, cs, h) in enumerate(rows)])
+
+
+@given(sleepy, st.floats(0, 100), st.floats(1, 150), st.floats(0, 200))
+def test_sleeping_victims_still_make_room_and_fit_in_host_ram(loaded, free_gb, required_gb, host_free_gb) -> None:
+    result = plan(loaded, free_gb, "target", required_gb, host_free_gb=host_free_gb)
+    by_id = {m.id: m for m in loaded}
+    assert set(result.sleep) <= set(result.unload)
+    assert all(by_id[m].can_sleep for m in result.sleep)
+    assert sum(by_id[m].host_gb for m in result.sleep) <= host_free_gb + 1e-6
+    if result.feasible:
+        freed = sum(by_id[m].gpu_gb * (0.95 if m in result.sleep else 1) for m in result.unload)
+        assert free_gb + freed + 1e-6 >= required_gb
