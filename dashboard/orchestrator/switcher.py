@@ -572,6 +572,7 @@ class Orchestrator:
         if measured:
             state.measured_gb = round(measured, 1)
             self.history.record_memory(state.spec.id, state.measured_gb, source)
+            self._refresh_gpu()  # the virtual GPU counts what the engine really declared
         if state.ready is not None and not state.ready.done():
             state.ready.set_result(None)
         self._changed()

@@ -183,3 +183,27 @@ def test_closing_the_orchestrator_leaves_no_engine_behind(make_port) -> None:
     assert len(sim_processes()) == 2
     port.close()
     assert sim_processes() == []
+
+
+MEASURED = """
+[gpu]
+source = "virtual"
+total_gb = 100
+
+[models.underestimated]
+name = "Underestimated"
+size_gb = 16
+gpu_memory_gb = 20
+# The engine really takes 30 GB (the sim's last --gpu-memory-gb wins): the catalog guessed low.
+args = ["--load-seconds", "0.5", "--gpu-memory-gb", "30"]
+"""
+
+
+def test_measured_footprint_replaces_the_catalog_estimate(make_port) -> None:
+    port = make_port(MEASURED)
+    assert port.plan("underestimated")["required_gb"] == 20
+    switch(port, "underestimated")
+    assert port.status()["models"]["underestimated"]["gpu_memory_used_gb"] == 30
+    port.unload("underestimated", "test")
+    assert port.plan("underestimated")["required_gb"] == 30
+    assert port.status()["models"]["underestimated"]["gpu_memory_required_gb"] == 30
