@@ -91,6 +91,12 @@ size_gb = 50
 gpu_memory_gb = 50
 args = ["--load-seconds", "1.0", "--oom"]
 
+[models.fragile]
+name = "Fragile"
+size_gb = 10
+gpu_memory_gb = 10
+args = ["--load-seconds", "0.5", "--die-after-seconds", "1.5"]
+
 [models.giant]
 name = "Giant-400B"
 size_gb = 800

@@ -247,8 +247,18 @@ class EventsHandler(SseHandler):
 
 class AuditHandler(ApiHandler):
     def get(self) -> None:
-        limit = int(self.get_query_argument("limit", "200") or 200)
-        self.send_json({"entries": self.ctx.port.audit_log(max(1, min(limit, 5000)))})
+        raw = self.get_query_argument("limit", "200")
+        if not raw.isdigit() or not 1 <= int(raw) <= 5000:
+            raise BadRequest(f"'limit' must be a whole number from 1 to 5000, got {raw!r}.")
+        self.send_json({"entries": self.ctx.port.audit_log(int(raw))})
+
+
+class UnknownRouteHandler(ApiHandler):
+    """Any other /v1 path: a JSON 404 (after auth, so the API's shape is not probed for free)."""
+
+    def prepare(self) -> None:
+        super().prepare()
+        raise NotFound(f"No route {self.request.method} {self.request.path}; see /v1/openapi.json.")
 
 
 class OpenAIModelsHandler(ApiHandler):
@@ -321,4 +331,5 @@ ROUTES: list[tuple[str, type[RequestHandler], dict[str, Any]]] = [
     (r"/v1/audit", AuditHandler, {}),
     (r"/v1/models", OpenAIModelsHandler, {}),
     (r"/v1/chat/completions", ChatHandler, {}),
+    (r"/v1/.*", UnknownRouteHandler, {}),  # last: only what nothing above matched
 ]

@@ -60,6 +60,10 @@ class Engine(ABC):
     @abstractmethod
     async def _wait_exit(self) -> int | None: ...
 
+    async def _output_caught_up(self) -> None:
+        """Wait until the output written so far has been read (where the runtime can tell)."""
+        return
+
     @abstractmethod
     async def _terminate(self, timeout: float) -> None: ...
 
@@ -140,6 +144,7 @@ class Engine(ABC):
                     ok = False
                 if not self.ready:
                     if ok:
+                        await self._output_caught_up()  # signals printed before "ready" come first
                         self.ready = True
                         self.queue.put_nowait(sig.Ready())
                     elif not stalled and time.monotonic() - self.last_output_at > self.stall_timeout_s:

@@ -99,6 +99,7 @@ class ProcessEngine(Engine):
         self.log_path = log_dir / f"{spec.id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = pid
+        self._read_pos = 0
 
     @property
     def ref(self) -> str:
@@ -119,10 +120,21 @@ class ProcessEngine(Engine):
                 log.seek(0, os.SEEK_END)
             while True:
                 chunk = log.read(65536)
+                self._read_pos = log.buffer.tell() if hasattr(log, "buffer") else 0
                 if chunk:
                     yield chunk
                 else:
                     await asyncio.sleep(0.05)
+
+    async def _output_caught_up(self) -> None:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                if self._read_pos >= self.log_path.stat().st_size:
+                    return
+            except OSError:
+                return
+            await asyncio.sleep(0.02)
 
     def alive(self) -> bool:
         if self.pid is None:

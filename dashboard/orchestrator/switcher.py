@@ -120,6 +120,7 @@ class Orchestrator:
         self._snapshot: dict[str, Any] = {}
         self._refresher: asyncio.Task[None] | None = None
         self._switch_lock = asyncio.Lock()
+        self._detaching: asyncio.Task[None] | None = None
 
     # Start and stop ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -553,6 +554,7 @@ class Orchestrator:
                     state.status, state.health = "failed", "unhealthy"
                     state.error = f"{state.spec.name} exited unexpectedly (code {code}): {why}"
                     state.engine = None
+                    self._detaching = asyncio.create_task(engine.detach())  # stop its watchers
                     self.history.forget_engine(state.spec.id)
                     self.history.audit("orchestrator", "engine_exit", state.spec.id, "failed",
                                        {"returncode": code, "message": why})

@@ -207,3 +207,16 @@ def test_measured_footprint_replaces_the_catalog_estimate(make_port) -> None:
     port.unload("underestimated", "test")
     assert port.plan("underestimated")["required_gb"] == 30
     assert port.status()["models"]["underestimated"]["gpu_memory_required_gb"] == 30
+
+
+def test_engine_that_dies_while_serving_is_shown_failed_with_its_reason(make_port) -> None:
+    port = make_port()
+    assert switch(port, "fragile")[0].status == "success"
+    wait_for(lambda: statuses(port)["fragile"] == "failed", timeout=10, message="the dead engine to show failed")
+    wait_for(lambda: "endpoint" not in port.status()["models"]["fragile"], timeout=5, message="its exit")
+    model = port.status()["models"]["fragile"]
+    assert "exited unexpectedly" in model["error"] and "EngineCore encountered a fatal error" in model["error"]
+    assert model["health"] == "unhealthy" and port.status()["active_model"] is None
+    assert port.status()["gpu"]["used_memory_gb"] == 0
+    # Picking it again restarts it.
+    assert switch(port, "fragile")[0].status == "success"
