@@ -48,3 +48,94 @@ def test_switch_on_request_queues_the_chat_until_the_model_is_up(tmp_path) -> No
     finally:
         srv.stop()
     assert not sim_processes()
+
+
+def test_server_killed_mid_switch_recovers_on_restart(tmp_path) -> None:
+    import signal
+
+    catalog = serve_catalog(TEST_CATALOG, switches_per_minute=100)
+    first = Server(tmp_path, catalog)
+    started = httpx.post(f"{first.url}/v1/models/switch", json={"target_model": "medium", "wait": False},
+                         headers=first.headers, timeout=10)
+    assert started.status_code == 202
+
+    def stage() -> str | None:
+        switch = httpx.get(f"{first.url}/v1/models/status", headers=first.headers, timeout=5).json()["switch"]
+        return switch and switch["stage"]
+
+    wait_for(lambda: stage() == "loading_target", timeout=20, message="the switch to be loading")
+    first.proc.send_signal(signal.SIGKILL)  # no clean-up at all: the engine is left running
+    first.proc.wait(10)
+    first._log.close()
+    assert any("--model-id medium" in cmd for cmd in sim_processes())
+
+    second = Server(tmp_path, catalog)  # same data dir
+    try:
+        status = httpx.get(f"{second.url}/v1/models/status", headers=second.headers, timeout=5).json()
+        # The engine is adopted if it came up meanwhile, else stopped and marked failed; never lost.
+        assert status["models"]["medium"]["status"] in ("running", "failed")
+        assert status["last_switch_error"]["error"] == "interrupted"
+        audit = httpx.get(f"{second.url}/v1/audit", headers=second.headers, timeout=5).json()["entries"]
+        interrupted = [e for e in audit if e["action"] == "switch" and e["target"] == "medium"]
+        assert interrupted[0]["outcome"] == "failed" and interrupted[0]["detail"]["error"] == "interrupted"
+        assert len([c for c in sim_processes() if "--model-id medium" in c]) <= 1
+    finally:
+        second.stop()
+    wait_for(lambda: not sim_processes(), timeout=15, message="nothing orphaned after the restart")
+
+
+def test_a_storm_of_switches_ends_with_the_last_one_and_never_overcommits(tmp_path) -> None:
+    import random
+    import time
+
+    srv = Server(tmp_path, TEST_CATALOG)  # the default limit: 6 switches a minute per key
+    samples: list[tuple[float, int]] = []
+    accepted: list[tuple[float, str, str]] = []
+    limited: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            used = httpx.get(f"{srv.url}/v1/models/status", headers=srv.headers, timeout=5).json()["gpu"]
+            per_model = [c.split("--model-id ")[1].split()[0] for c in sim_processes()]
+            samples.append((used["used_memory_gb"], max((per_model.count(m) for m in per_model), default=0)))
+
+    def client(key: str, seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+            for _ in range(10):
+                target = rng.choice(["big", "medium", "small"])
+                response = http.post(f"{srv.url}/v1/models/switch", json={"target_model": target, "wait": False})
+                if response.status_code == 202:
+                    accepted.append((time.monotonic(), response.json()["switch_id"], target))
+                else:
+                    assert response.status_code == 429 and response.headers["Retry-After"]
+                    limited.append(1)
+                time.sleep(rng.uniform(0.05, 0.35))  # pacing of the storm, not a wait for a result
+
+    try:
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        clients = [threading.Thread(target=client, args=([API_KEY, OTHER_KEY][i % 2], i)) for i in range(5)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join(60)
+        assert len(accepted) + len(limited) == 50 and len(accepted) == 12  # 6 a minute for each of 2 keys
+        wait_for(lambda: httpx.get(f"{srv.url}/v1/models/status", headers=srv.headers).json()["switch"] is None,
+                 timeout=30, message="the storm to settle")
+        stop.set()
+        sampler.join(10)
+        last_target = max(accepted)[2]
+        status = httpx.get(f"{srv.url}/v1/models/status", headers=srv.headers).json()
+        assert status["active_model"] == last_target
+        assert all(used <= 100 for used, _ in samples) and all(n <= 1 for _, n in samples)
+        audit = httpx.get(f"{srv.url}/v1/audit", headers=srv.headers).json()["entries"]
+        outcomes = {e["detail"].get("switch_id"): e["outcome"] for e in audit if e["action"] == "switch"}
+        assert {outcomes[switch_id] for _, switch_id, _ in accepted} <= {"success", "cancelled"}
+        assert outcomes[max(accepted)[1]] == "success"
+        assert sum(e["outcome"] == "rate_limited" for e in audit) == len(limited)
+    finally:
+        stop.set()
+        srv.stop()
+    assert not sim_processes()
