@@ -125,9 +125,6 @@ class ApiHandler(RequestHandler):
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(status_code, "internal_error")
         self.send_json({"error": code, "message": self._reason}, status_code)
 
-    def data_received(self, chunk: bytes) -> None:  # pragma: no cover - not streaming bodies
-        pass
-
 
 class SseHandler(ApiHandler):
     """Server-Sent Events; a client that goes away stops the stream, never the work behind it."""
