@@ -54,6 +54,12 @@ def expected_durations(
     return {phase: max(seconds, 0.05) for phase, seconds in expected.items()}
 
 
+def expected_stop(history: Mapping[str, Sequence[float]]) -> float:
+    """Expected seconds to stop a model: its recent median stop time, else a small default."""
+    past = list(history.get("stopping", ()))[-HISTORY_WINDOW:]
+    return statistics.median(past) if past else FALLBACK_UNLOAD_S
+
+
 @dataclass(frozen=True)
 class ProgressSnapshot:
     phase: str

@@ -40,11 +40,11 @@ from dashboard.gpu.base import EngineMemory, GpuMonitor, GpuReading
 from dashboard.orchestrator.history import EngineRecord, History
 from dashboard.orchestrator.planner import SLEEP_RESIDUAL, LoadedModel, Plan, plan
 from dashboard.orchestrator.progress import (
-    FALLBACK_UNLOAD_S,
     LOAD_PHASES,
     PHASE_TEXT,
     Progress,
     expected_durations,
+    expected_stop,
 )
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ class Orchestrator:
                                "suggestions": self._smaller_fits(the_plan)})
         expected = dict(self.expected(run.target))
         if the_plan.unload:
-            expected["unloading"] = sum(self._expected_stop(mid) for mid in the_plan.unload)
+            expected["unloading"] = sum(expected_stop(self.history.phase_history(mid)) for mid in the_plan.unload)
         run.progress = Progress(expected, time.monotonic())
         if the_plan.unload:
             names = ", ".join(self.models[m].spec.name + (" (to sleep)" if m in the_plan.sleep else "")
@@ -336,10 +336,6 @@ class Orchestrator:
         self._expected.pop(run.target, None)
         self._tick(run)
         return CompleteEvent(run.id, "success", run.target, self._elapsed(run))
-
-    def _expected_stop(self, model_id: str) -> float:
-        past = self.history.phase_history(model_id).get("stopping", [])
-        return sorted(past)[len(past) // 2] if past else FALLBACK_UNLOAD_S
 
     def _smaller_fits(self, the_plan: Plan) -> list[str]:
         reachable = the_plan.free_gb_before + the_plan.can_free_gb
