@@ -96,6 +96,7 @@ class SwitchRun:
     restore: bool = True
     superseded_by: str | None = None
     last: ProgressEvent | None = None
+    finished: bool = False
 
 
 class Orchestrator:
@@ -250,8 +251,7 @@ class Orchestrator:
                 if run.target == target:
                     return run.id  # the same request twice joins the switch already under way
                 run.restore, run.superseded_by = False, target
-                run.task.cancel()
-                await asyncio.gather(run.task, return_exceptions=True)
+                await self._cancel_task(run)
             new = SwitchRun(uuid.uuid4().hex[:12], target, self.active_model(), actor)
             self.run = new
             self.history.set("switch_in_progress", json.dumps(
@@ -265,10 +265,16 @@ class Orchestrator:
         if run is None or run.task is None or run.task.done():
             return False
         run.restore = True
-        run.task.cancel()
-        await asyncio.gather(run.task, return_exceptions=True)
+        await self._cancel_task(run)
         self.history.audit(actor, "cancel", run.target, "cancelled", {"switch_id": run.id})
         return True
+
+    async def _cancel_task(self, run: SwitchRun) -> None:
+        assert run.task is not None
+        run.task.cancel()
+        await asyncio.gather(run.task, return_exceptions=True)
+        if not run.finished:  # cancelled before its first step: the body never ran, so end it here
+            self._finish(run, await self._abort(run))
 
     async def _switch(self, run: SwitchRun) -> None:
         target = self.models[run.target]
@@ -405,6 +411,7 @@ class Orchestrator:
         return restored
 
     def _finish(self, run: SwitchRun, outcome: Event) -> None:
+        run.finished = True
         if isinstance(outcome, CompleteEvent):
             self.models[run.target].last_used = time.time()
             self.history.set(f"last_used:{run.actor}", run.target)

@@ -142,6 +142,21 @@ def test_new_switch_cancels_the_running_one(make_port) -> None:
     assert statuses(port)["medium"] == "stopped" and statuses(port)["big"] == "running"
 
 
+def test_a_switch_replaced_before_it_started_is_still_ended_and_audited(make_port) -> None:
+    port = make_port()
+
+    async def back_to_back() -> tuple[str, str]:
+        # No await in between: the first switch's task has not taken a single step when it is replaced.
+        first = await port.core.switch("medium", "a")
+        return first, await port.core.switch("small", "b")
+
+    first_id, second_id = port._run(back_to_back())
+    wait_for(lambda: port.status()["switch"] is None, timeout=30, message="the second switch to end")
+    outcomes = {e["detail"]["switch_id"]: e["outcome"] for e in port.audit_log() if e["action"] == "switch"}
+    assert outcomes == {first_id: "cancelled", second_id: "success"}
+    assert statuses(port)["small"] == "running" and statuses(port)["medium"] == "stopped"
+
+
 def test_eta_is_learned_from_this_models_history(make_port) -> None:
     port = make_port()
     before = port.plan("small")["estimated_load_time_seconds"]
