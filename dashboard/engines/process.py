@@ -54,8 +54,8 @@ def engine_command(spec: ModelSpec, port: int, *, gpu_total_gb: float | None = N
     return [*program, *engine_args(spec, port, gpu_total_gb=gpu_total_gb)]
 
 
-def engine_env(spec: ModelSpec) -> dict[str, str]:
-    env = {**os.environ, **dict(spec.env), "PYTHONUNBUFFERED": "1"}
+def engine_env(spec: ModelSpec, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **(extra or {}), **dict(spec.env), "PYTHONUNBUFFERED": "1"}
     if spec.engine == "vllm":
         env.setdefault("HF_HUB_OFFLINE", "1")
         if spec.sleep:
@@ -93,8 +93,10 @@ class ProcessEngine(Engine):
     runtime = "process"
 
     def __init__(self, spec: ModelSpec, port: int, log_dir: Path, *, command: list[str] | None = None,
-                 gpu_total_gb: float | None = None, pid: int | None = None, **kwargs: float) -> None:
+                 gpu_total_gb: float | None = None, pid: int | None = None, env: dict[str, str] | None = None,
+                 **kwargs: float) -> None:
         super().__init__(spec, port, **kwargs)
+        self.env = env or {}
         self.command = command or engine_command(spec, port, gpu_total_gb=gpu_total_gb)
         self.log_path = log_dir / f"{spec.id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -110,7 +112,7 @@ class ProcessEngine(Engine):
         # A log file, not a pipe: the engine keeps running (and logging) if we restart.
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=engine_env(self.spec),
+                                         stdin=subprocess.DEVNULL, env=engine_env(self.spec, self.env),
                                          start_new_session=True)
         self.pid = self.proc.pid
 

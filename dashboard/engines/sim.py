@@ -16,11 +16,13 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 GIB = 1024**3
+LEDGER_ENV = "SMARTSWITCH_VIRTUAL_GPU_DIR"  # the virtual GPU's ledger of memory held after exit
 STAGES = ("start", "weights", "kv_cache", "graphs")
 SHARES = {"start": 0.10, "weights": 0.60, "kv_cache": 0.15, "graphs": 0.15}
 
@@ -257,10 +259,28 @@ def serve(args: argparse.Namespace) -> None:
     server.serve_forever(poll_interval=0.1)
 
 
-def shutdown(signum: int, _frame: Any) -> None:
-    log("[shutdown] API server: shutdown triggered", where="launcher.py:254")
-    log.raw("INFO:     Shutting down\nINFO:     Application shutdown complete.\n")
-    os._exit(0)
+def hold_after_exit(gb: float, seconds: float) -> None:
+    """Leave ``gb`` held for ``seconds`` by a process outside our group, as a leaked worker would."""
+    ledger = os.environ.get(LEDGER_ENV)
+    if not ledger or gb <= 0:
+        return
+    import subprocess
+
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds!r})"],
+                              start_new_session=True, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(os.path.join(ledger, str(holder.pid)), "w") as entry:
+        entry.write(f"{gb}")
+
+
+def make_shutdown(args: argparse.Namespace) -> Callable[[int, Any], None]:
+    def shutdown(signum: int, _frame: Any) -> None:
+        log("[shutdown] API server: shutdown triggered", where="launcher.py:254")
+        if args.hold_memory_after_exit:
+            hold_after_exit(args.gpu_memory_gb, args.hold_memory_after_exit)
+        log.raw("INFO:     Shutting down\nINFO:     Application shutdown complete.\n")
+        os._exit(0)
+    return shutdown
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -277,7 +297,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hang-at", choices=STAGES, help="stop printing and never serve from this stage")
     parser.add_argument("--oom", action="store_true", help="run out of GPU memory while loading weights")
     parser.add_argument("--die-after-seconds", type=float, help="crash this long after serving")
+    parser.add_argument("--hold-memory-after-exit", type=float, metavar="SECONDS",
+                        help="on stop, leave the GPU memory held this long by a leaked process (virtual GPU)")
     args = parser.parse_args(argv)
+    shutdown = make_shutdown(args)
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     start_up(args)

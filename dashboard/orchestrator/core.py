@@ -24,7 +24,7 @@ from dashboard.engines.process import ProcessEngine, free_port
 from dashboard.events import Event, StatusEvent, SwitchEvent, is_terminal
 from dashboard.gpu.base import GpuMonitor
 from dashboard.gpu.nvml import NvmlGpu, find_nvml_gpu
-from dashboard.gpu.virtual import VirtualGpu
+from dashboard.gpu.virtual import LEDGER_ENV, VirtualGpu
 from dashboard.orchestrator.history import History
 from dashboard.orchestrator.switcher import EngineFactory, Orchestrator
 
@@ -33,10 +33,10 @@ CONFIG_ENV = "SMARTSWITCH_CONFIG"
 DATA_DIR_ENV = "SMARTSWITCH_DATA_DIR"
 
 
-def make_gpu(config: Config) -> GpuMonitor:
+def make_gpu(config: Config, data_dir: Path) -> GpuMonitor:
     """The GPU source the config asks for; ``auto`` prefers NVML when a GPU is there."""
     if config.gpu.source == "virtual":
-        return VirtualGpu(config.gpu.total_gb or 0.0)
+        return VirtualGpu(config.gpu.total_gb or 0.0, ledger_dir=data_dir / "virtual-gpu")
     if config.gpu.source == "nvml":
         return NvmlGpu()
     nvml = find_nvml_gpu()
@@ -45,10 +45,15 @@ def make_gpu(config: Config) -> GpuMonitor:
     if config.gpu.total_gb is None:
         raise ConfigError(f"{config.source}: [gpu] source = \"auto\" found no NVIDIA GPU; "
                           "set source = \"virtual\" and total_gb to run without one")
-    return VirtualGpu(config.gpu.total_gb)
+    return VirtualGpu(config.gpu.total_gb, ledger_dir=data_dir / "virtual-gpu")
 
 
-def make_engine_factory(config: Config, data_dir: Path, gpu_total_gb: float | None) -> EngineFactory:
+def make_engine_factory(config: Config, data_dir: Path, gpu: GpuMonitor) -> EngineFactory:
+    # Real GPUs get --gpu-memory-utilization computed from each model's share of the total.
+    gpu_total_gb = gpu.read([]).total_gb if gpu.source == "nvml" else None
+    ledger = getattr(gpu, "ledger_dir", None)
+    env = {LEDGER_ENV: str(ledger)} if ledger is not None else {}
+
     def factory(spec: ModelSpec, port: int | None, ref: str | None) -> Engine:
         options = {"stall_timeout_s": config.switching.stall_timeout_s,
                    "health_interval_s": config.switching.health_interval_s}
@@ -58,7 +63,7 @@ def make_engine_factory(config: Config, data_dir: Path, gpu_total_gb: float | No
             return DockerEngine(spec, port or free_port(), container_id=ref, gpu_total_gb=gpu_total_gb,
                                 instance=str(data_dir), **options)
         return ProcessEngine(spec, port or free_port(), data_dir / "logs", gpu_total_gb=gpu_total_gb,
-                             pid=int(ref) if ref else None, **options)
+                             pid=int(ref) if ref else None, env=env, **options)
     return factory
 
 
@@ -70,11 +75,9 @@ class OrchestratorPort:
         self.config = config
         self.data_dir = Path(data_dir) if data_dir is not None else config.data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        gpu = gpu or make_gpu(config)
+        gpu = gpu or make_gpu(config, self.data_dir)
         self.history = History(self.data_dir / "smartswitch.sqlite")
-        # Real GPUs get --gpu-memory-utilization computed from each model's share of the total.
-        gpu_total = gpu.read([]).total_gb if gpu.source == "nvml" else None
-        factory = engine_factory or make_engine_factory(config, self.data_dir, gpu_total)
+        factory = engine_factory or make_engine_factory(config, self.data_dir, gpu)
         self.loop = asyncio.new_event_loop()
         sweep = None
         if any(m.runtime == "docker" for m in config.models.values()):

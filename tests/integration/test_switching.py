@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 from dashboard.events import (
@@ -12,7 +14,7 @@ from dashboard.events import (
     StageEvent,
     SwitchEvent,
 )
-from tests.conftest import sim_processes, wait_for
+from tests.conftest import TEST_CATALOG, sim_processes, wait_for
 
 
 def statuses(port) -> dict[str, str]:
@@ -235,3 +237,41 @@ def test_engine_that_dies_while_serving_is_shown_failed_with_its_reason(make_por
     assert port.status()["gpu"]["used_memory_gb"] == 0
     # Picking it again restarts it.
     assert switch(port, "fragile")[0].status == "success"
+
+
+LEAKY_CATALOG = TEST_CATALOG + """
+[models.leaky]
+name = "Leaky-70B"
+size_gb = 140
+gpu_memory_gb = 70
+args = ["--load-seconds", "0.5", "--hold-memory-after-exit", "{hold}"]
+"""
+
+
+def test_next_load_waits_for_memory_a_stopped_engine_still_holds(make_port) -> None:
+    port = make_port(LEAKY_CATALOG.replace("{hold}", "2"))
+    switch(port, "leaky")
+    final, events = switch(port, "medium")
+    # Unloading Leaky-70B leaves 70 GB held by a leaked process for 2 s: only 30 of the 40 GB are free.
+    waits = [e for e in events if isinstance(e, ProgressEvent) and "Waiting for GPU memory" in e.message]
+    assert waits and "30.0 GB free, 40 GB needed" in waits[0].message
+    assert isinstance(final, CompleteEvent) and final.status == "success"
+    assert statuses(port)["leaky"] == "stopped" and statuses(port)["medium"] == "running"
+    assert port.status()["gpu"]["used_memory_gb"] == 40
+
+
+def test_memory_never_released_fails_the_switch_with_the_reason(make_port) -> None:
+    text = LEAKY_CATALOG.replace("{hold}", "30").replace("stop_timeout_s = 5", "stop_timeout_s = 5\n"
+                                                                                "memory_release_timeout_s = 1")
+    port = make_port(text)
+    switch(port, "leaky")
+    final, _ = switch(port, "medium")
+    assert isinstance(final, ErrorEvent) and final.error == "memory_not_released"
+    assert "30.0 GB free, 40 GB needed" in final.message
+    medium = port.status()["models"]["medium"]
+    assert medium["status"] == "failed" and "not released" in medium["error"]
+    assert statuses(port)["leaky"] == "stopped"  # no room to bring it back while the memory is held
+    ledger = port.data_dir / "virtual-gpu"
+    for holder in ledger.iterdir():  # end the leaked process now rather than in 30 s
+        os.kill(int(holder.name), signal.SIGKILL)
+    wait_for(lambda: port.status()["gpu"]["used_memory_gb"] == 0, timeout=10, message="the memory to come back")
