@@ -113,7 +113,8 @@ class DashboardState(param.Parameterized):
             return {"chat_locked": True, "lock_reason": f"Switching to {target}...{remaining}"}
         if model is None or model["status"] != "running":
             status = model["status"] if model else "unknown"
-            reason = {"failed": f"{name} failed to load: pick it again to retry, or pick another model",
+            why = (model or {}).get("error") or f"{name} failed"
+            reason = {"failed": f"{why.rstrip('.')}. Pick {name} again to restart it, or pick another model",
                       "sleeping": f"{name} is asleep: pick it to wake it"}.get(
                 status, f"{name} is not loaded: pick it to load it")
             return {"chat_locked": True, "lock_reason": reason}

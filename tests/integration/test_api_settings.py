@@ -55,6 +55,10 @@ def test_server_killed_mid_switch_recovers_on_restart(tmp_path) -> None:
 
     catalog = serve_catalog(TEST_CATALOG, switches_per_minute=100)
     first = Server(tmp_path, catalog)
+    done = httpx.post(f"{first.url}/v1/models/switch", json={"target_model": "small", "stream": False},
+                      headers=first.headers, timeout=60)
+    assert done.json()["status"] == "success"
+    before = httpx.get(f"{first.url}/v1/audit", headers=first.headers, timeout=5).json()["entries"]
     started = httpx.post(f"{first.url}/v1/models/switch", json={"target_model": "medium", "wait": False},
                          headers=first.headers, timeout=10)
     assert started.status_code == 202
@@ -78,6 +82,7 @@ def test_server_killed_mid_switch_recovers_on_restart(tmp_path) -> None:
         audit = httpx.get(f"{second.url}/v1/audit", headers=second.headers, timeout=5).json()["entries"]
         interrupted = [e for e in audit if e["action"] == "switch" and e["target"] == "medium"]
         assert interrupted[0]["outcome"] == "failed" and interrupted[0]["detail"]["error"] == "interrupted"
+        assert all(entry in audit for entry in before)  # what was logged before the kill is all still there
         assert len([c for c in sim_processes() if "--model-id medium" in c]) <= 1
     finally:
         second.stop()
