@@ -80,7 +80,7 @@ class History:
         with self._tx() as db:
             db.execute("INSERT INTO loads VALUES (?, ?, ?, ?, ?, ?)",
                        (model_id, now, total_s, outcome, bytes_total, durations.get("loading_weights")))
-            if outcome == "success":
+            if outcome in ("success", "unloaded"):  # an unload's row carries its measured stop time
                 db.executemany("INSERT INTO phase_durations VALUES (?, ?, ?, ?)",
                                [(model_id, phase, s, now) for phase, s in durations.items()])
 

@@ -121,9 +121,10 @@ class Progress:
         elapsed_here = now - self.phase_started
         if self.fraction is not None:
             fraction = self.fraction
-            # Measured rate beats the estimate once some of the phase is done.
-            remaining_here = (elapsed_here * (1 - fraction) / fraction if fraction >= 0.1
-                              else max(expected_here - elapsed_here, 0.0))
+            # Trust the measured rate as much as the share of the phase it was measured over: early
+            # shards are too few (and include the phase's set-up) to extrapolate from alone.
+            by_rate = elapsed_here * (1 - fraction) / fraction if fraction > 0 else expected_here
+            remaining_here = fraction * by_rate + (1 - fraction) * expected_here * (1 - fraction)
         else:
             fraction = min(elapsed_here / expected_here, 0.95)
             remaining_here = max(expected_here - elapsed_here, 0.05 * expected_here)

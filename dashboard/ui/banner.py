@@ -38,38 +38,45 @@ class SwitchBanner(pn.viewable.Viewer):
     @param.depends("state.switching", "state.switch_target", "state.switch_from", "state.stage",
                    "state.stage_message", "state.progress", "state.eta_s", "state.bytes_loaded",
                    "state.bytes_total", "state.slow")
-    def _text(self) -> pn.pane.HTML:
+    def _text(self) -> str:
         s = self.state
         if not s.switching:
-            return pn.pane.HTML("")
+            return ""
         origin = f"from {s.name_of(s.switch_from)} " if s.switch_from else ""
         eta = f"~{s.eta_s:.0f} s remaining" if s.eta_s is not None else "estimating time"
         size = (f" · {format_bytes(s.bytes_loaded)} of {format_bytes(s.bytes_total)}"
                 if s.bytes_total else "")
         slow = "<div class='slow'>This may take a while: the load is slower than usual.</div>" if s.slow else ""
-        return pn.pane.HTML(
+        return (
             f"<div class='switch-banner'><b>Switching {origin}to {s.name_of(s.switch_target)}...</b>"
             f"<div class='stage'>{STAGE_TEXT.get(s.stage, s.stage)}: {s.stage_message}</div>"
             f"<div class='numbers'><span class='percent'>{s.progress}%</span> · "
-            f"<span class='eta'>{eta}</span>{size}</div>{slow}</div>",
-            sizing_mode="stretch_width", margin=(0, 10))
+            f"<span class='eta'>{eta}</span>{size}</div>{slow}</div>")
 
     @param.depends("state.error", "state.switching")
-    def _error(self) -> pn.viewable.Viewable:
+    def _has_error(self) -> bool:
+        return bool(self.state.error) and not self.state.switching
+
+    @param.depends("state.error", "state.switching")
+    def _error(self) -> str:
         error = self.state.error
         if not error or self.state.switching:
-            return pn.pane.HTML("")
+            return ""
         fits = [self.state.name_of(m) for m in error.get("suggestions") or []]
         hint = f" Models that fit now: {', '.join(fits)}." if fits else ""
-        return pn.pane.Alert(f"**Switch to {self.state.name_of(error.get('target_model'))} failed.** "
-                             f"{error.get('message', '')}{hint}", alert_type="danger",
-                             sizing_mode="stretch_width", css_classes=["switch-error"])
+        return (f"**Switch to {self.state.name_of(error.get('target_model'))} failed.** "
+                f"{error.get('message', '')}{hint}")
 
     def __panel__(self) -> pn.viewable.Viewable:
-        running = pn.Row(pn.Column(self._text, self._bar, sizing_mode="stretch_width"), self._cancel,
+        # Panes bound to methods that return text are updated in place; a method returning a new pane
+        # each time would replace it in every open page (and make Bokeh recompute the whole document).
+        text = pn.pane.HTML(self._text, sizing_mode="stretch_width", margin=(0, 10))
+        error = pn.pane.Alert(self._error, alert_type="danger", sizing_mode="stretch_width",
+                              css_classes=["switch-error"], visible=self._has_error)
+        running = pn.Row(pn.Column(text, self._bar, sizing_mode="stretch_width"), self._cancel,
                          visible=self.state.param.switching, sizing_mode="stretch_width",
                          styles={"border": "1px solid #90caf9", "border-radius": "6px", "background": "#e3f2fd"})
-        return pn.Column(running, self._error, sizing_mode="stretch_width")
+        return pn.Column(running, error, sizing_mode="stretch_width")
 
 
 class ConfirmSwitch(pn.viewable.Viewer):
@@ -92,20 +99,20 @@ class ConfirmSwitch(pn.viewable.Viewer):
         self._no.on_click(lambda _: setattr(self, "plan", None))
 
     @param.depends("plan")
-    def _body(self) -> pn.viewable.Viewable:
+    def _body(self) -> str:
         p = self.plan
         if not p:
-            return pn.pane.HTML("")
+            return ""
         unload = ", ".join(p.get("unload_names") or p["unload"]) or "nothing"
         extra = f"<div>{p['note']}</div>" if p.get("note") else ""
-        return pn.pane.HTML(
+        return (
             f"<div class='confirm-plan'><b>Switch to {p.get('target_name', p['target_model'])}?</b>"
             f"<div>Unloads: {unload}</div>"
             f"<div>GPU memory free: {p['available_gb']:.1f} GB now, {p['free_gb_after']:.1f} GB after</div>"
-            f"<div>About {p['estimated_load_time_seconds']:.0f} s to load</div>{extra}</div>",
-            sizing_mode="stretch_width")
+            f"<div>About {p['estimated_load_time_seconds']:.0f} s to load</div>{extra}</div>")
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.Column(self._body, pn.Row(self._yes, self._no), visible=self.param.plan.rx.bool(),
+        return pn.Column(pn.pane.HTML(self._body, sizing_mode="stretch_width"), pn.Row(self._yes, self._no),
+                         visible=self.param.plan.rx.bool(),
                          sizing_mode="stretch_width",
                          styles={"border": "1px solid #ffb74d", "border-radius": "6px", "background": "#fff3e0"})

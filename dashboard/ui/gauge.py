@@ -46,7 +46,7 @@ class GpuGauge(pn.viewable.Viewer):
 
     @param.depends("state.gpu_used_gb", "state.gpu_total_gb", "state.per_model_gb", "state.gpu_source",
                    "state.models")
-    def _bar(self) -> pn.pane.HTML:
+    def _bar(self) -> str:
         s = self.state
         total = s.gpu_total_gb or 1.0
         ids = [m["id"] for m in sorted(s.models, key=lambda m: m["id"])]
@@ -63,7 +63,7 @@ class GpuGauge(pn.viewable.Viewer):
         free = max(s.gpu_total_gb - s.gpu_used_gb, 0.0)
         source = "NVML" if s.gpu_source == "nvml" else "virtual GPU (configured size)"
         device = f" · {s.gpu_name}" if s.gpu_name and s.gpu_source == "nvml" else ""
-        return pn.pane.HTML(f"""
+        return f"""
 <style>
 .gauge {{ display:flex; height:22px; border:1px solid #999; border-radius:4px; overflow:hidden; background:#f5f5f5 }}
 .share {{ height:100% }} .dot {{ display:inline-block; width:10px; height:10px; border-radius:5px; margin-right:5px }}
@@ -74,8 +74,10 @@ class GpuGauge(pn.viewable.Viewer):
 <div class='gauge'>{segments}</div>
 <div class='gpu-legend'>{legend}</div>
 <div class='gpu-source' style='font-size:11px;color:#666'>Source: {source}{device}</div>
-</div>""", sizing_mode="stretch_width")
+</div>"""
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.Column(pn.pane.Markdown("#### GPU memory", margin=(0, 5)), self._bar,
+        # A pane bound to a method returning text is updated in place, not replaced.
+        return pn.Column(pn.pane.Markdown("#### GPU memory", margin=(0, 5)),
+                         pn.pane.HTML(self._bar, sizing_mode="stretch_width"),
                          pn.pane.Bokeh(self._plot, sizing_mode="stretch_width"), sizing_mode="stretch_width")

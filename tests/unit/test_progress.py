@@ -38,6 +38,18 @@ def test_shard_progress_drives_percent_and_bytes() -> None:
     assert snap.eta_s == 6.0
 
 
+def test_one_slow_first_shard_barely_moves_an_eta_that_history_backs() -> None:
+    p = Progress(EXPECTED, now=0.0)
+    p.enter("loading_weights", 0.0)
+    p.on_signal(sig.ShardProgress(1, 10), 1.0)  # 1 s for the first tenth: set-up, not the real rate
+    weights_left = p.snapshot(1.0).eta_s - EXPECTED["initializing"] - EXPECTED["warming_up"]
+    # By rate alone 9 s would be left; history says 5.4 s. The blend stays near history.
+    assert 5.4 < weights_left < 6.0
+    p.on_signal(sig.ShardProgress(9, 10), 5.0)  # now the rate is measured over most of the phase
+    weights_left = p.snapshot(5.0).eta_s - EXPECTED["initializing"] - EXPECTED["warming_up"]
+    assert 0.5 <= round(weights_left, 1) <= 0.6
+
+
 def test_slow_load_says_it_may_take_a_while() -> None:
     p = Progress(EXPECTED, now=0.0)
     snap = p.snapshot(60.0)

@@ -1,0 +1,434 @@
+"""The smartswitch benchmark: switching, readiness, ETAs, API load and the dashboard, measured from outside.
+
+    python -m benchmarks.run                # sim and real vLLM (CPU build), writes benchmarks/RESULTS.md
+    python -m benchmarks.run --quick        # fewer rounds, for a quick look
+    python -m benchmarks.run --skip-vllm    # without the vLLM venv
+
+Every figure comes from a real ``smartswitch serve`` process driven through its HTTP API, with real
+engine processes and, for the dashboard, Chromium. The raw samples go to ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import (
+    TICK,
+    ProgressBar,
+    ServerProcess,
+    SwitchSample,
+    hammer_status,
+    proc_stat,
+    reset_peak_rss,
+    rss_mb,
+    timed_switch,
+)
+from benchmarks.report import (
+    ETA_MARKS,
+    eta_errors,
+    eta_figure,
+    fmt_ms,
+    fmt_pct,
+    fmt_s,
+    machine,
+    markdown_table,
+    median_or_none,
+    percentile,
+    save_png,
+    timeline_figure,
+    verdict,
+    vllm_version,
+)
+
+HERE = Path(__file__).resolve().parent
+HISTORY_LOADS = 3  # loads of each model before its ETA is judged
+CLIENT_COUNTS = (1, 16, 64)
+SESSION_COUNTS = (1, 10, 20)
+
+SIM_CATALOG = """
+[gpu]
+source = "virtual"
+total_gb = 100
+
+[switching]
+stall_timeout_s = 60
+stop_timeout_s = 10
+
+[server]
+switches_per_minute = 1000
+
+[models.alpha]
+name = "Alpha-60B"
+size_gb = 120
+gpu_memory_gb = 60
+args = ["--load-seconds", "3"]
+
+[models.beta]
+name = "Beta-60B"
+size_gb = 120
+gpu_memory_gb = 60
+args = ["--load-seconds", "4"]
+"""
+
+# Two tiny Llama models that "need" 6 of 10 virtual GB each: every switch unloads the other one.
+VLLM_MODEL = """
+[models.{id}]
+name = "{name}"
+engine = "vllm"
+path = "{path}"
+size_gb = 0.002
+gpu_memory_gb = 6
+args = ["--max-model-len", "256", "--dtype", "float32", "--enforce-eager"]
+env = {{ VLLM_CPU_KVCACHE_SPACE = "1" }}
+"""
+
+
+def vllm_catalog(home: Path) -> str:
+    return ('[gpu]\nsource = "virtual"\ntotal_gb = 10\n\n[switching]\nstall_timeout_s = 240\nstop_timeout_s = 20\n\n'
+            '[server]\nswitches_per_minute = 1000\n'
+            + VLLM_MODEL.format(id="alpha", name="Tiny-A", path=home / "models" / "tiny-a")
+            + VLLM_MODEL.format(id="beta", name="Tiny-B", path=home / "models" / "tiny-b"))
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.root = Path(tempfile.mkdtemp(prefix="smartswitch-bench-"))
+        self.measured = 2 if args.quick else 4  # judged loads per engine, after the history
+        self.hammer_seconds = 2.0 if args.quick else 5.0
+        self.engines = ["sim"] + ([] if args.skip_vllm else ["vLLM CPU"])
+        self.switches = 1 + 2 * HISTORY_LOADS + self.measured
+        dashboard = 0 if args.skip_dashboard else len(SESSION_COUNTS) + 1
+        total = len(self.engines) * (self.switches + len(CLIENT_COUNTS)) + dashboard + 1
+        self.bar = ProgressBar(total)
+        self.results: dict[str, Any] = {"engines": {}}
+        self.samples: dict[str, list[SwitchSample]] = {}
+
+    # Engines ----------------------------------------------------------------------------------
+    def engine_server(self, engine: str) -> ServerProcess:
+        if engine == "sim":
+            return ServerProcess(self.root / "sim", SIM_CATALOG)
+        home = Path(self.args.vllm_home)
+        return ServerProcess(self.root / "vllm", vllm_catalog(home),
+                             env={"SMARTSWITCH_VLLM_PYTHON": str(home / "venv" / "bin" / "python")})
+
+    def run_engine(self, engine: str) -> None:
+        self.bar.show(f"{engine}: starting the server")
+        server = self.engine_server(engine)
+        samples: list[SwitchSample] = []
+        growth: list[float] = []
+        try:
+            first_rss = rss_mb(server.proc.pid)
+            for i in range(self.switches):
+                target = ("alpha", "beta")[i % 2]
+                before = rss_mb(server.proc.pid)
+                reset_peak_rss(server.proc.pid)
+                sample = timed_switch(server, engine, target)
+                growth.append((rss_mb(server.proc.pid, "VmHWM") - before) / before)
+                if sample.outcome != "success":
+                    raise RuntimeError(f"{engine}: the switch to {target} ended {sample.outcome}")
+                samples.append(sample)
+                self.bar.step(f"{engine}: switch {i + 1}/{self.switches} to {target} in {sample.wall:.1f} s")
+            last_rss = rss_mb(server.proc.pid)
+            status = self.hammer(server, engine)
+        finally:
+            server.stop()
+        self.samples[engine] = samples
+        judged = samples[1 + 2 * HISTORY_LOADS:]
+        errors = [eta_errors(s) for s in judged]
+        self.results["engines"][engine] = {
+            "switches": [{"target": s.target, "wall": s.wall, "engine_start": s.engine_start,
+                          "readiness": s.readiness, "overhead": s.load_overhead,
+                          "unload": (s.victim_gone - s.started) if s.victim_gone else None,
+                          "progress": s.progress} for s in samples],
+            "eta_errors": [{str(k): v for k, v in e.items()} for e in errors],
+            "rss_growth_per_switch": growth,
+            "rss_mb": {"first": first_rss, "last": last_rss},
+            "status": status,
+        }
+
+    def hammer(self, server: ServerProcess, engine: str) -> dict[str, dict[str, float]]:
+        """Status latency under 1, 16 and 64 clients while switches run back to back."""
+        stop = threading.Event()
+
+        def keep_switching() -> None:
+            from dashboard.client import SmartswitchClient
+
+            with SmartswitchClient(server.url, server.headers["Authorization"].split()[1], timeout=600) as client:
+                i = 0
+                while not stop.is_set():
+                    client.switch_and_wait(("beta", "alpha")[i % 2])
+                    i += 1
+
+        switcher = threading.Thread(target=keep_switching, daemon=True)
+        switcher.start()
+        out: dict[str, dict[str, float]] = {}
+        try:
+            for clients in CLIENT_COUNTS:
+                self.bar.show(f"{engine}: GET /v1/models/status with {clients} clients during switches")
+                latencies, seconds = asyncio.run(hammer_status(server.port, clients, self.hammer_seconds))
+                out[str(clients)] = {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+                                     "rps": len(latencies) / seconds, "requests": len(latencies)}
+                self.bar.step(f"{engine}: {clients} clients: p99 {out[str(clients)]['p99'] * 1000:.1f} ms")
+        finally:
+            stop.set()
+            switcher.join(600)
+        return out
+
+    # Dashboard --------------------------------------------------------------------------------
+    def run_dashboard(self) -> None:
+        from playwright.sync_api import sync_playwright
+
+        self.bar.show("dashboard: starting the server")
+        server = ServerProcess(self.root / "dashboard", SIM_CATALOG)
+        pid = server.proc.pid
+        memory: dict[str, float] = {}
+        latency: dict[str, dict[str, list[float]]] = {}
+        cpu: dict[str, dict[str, float]] = {}
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=self.args.chromium,
+                                            args=["--no-sandbox", "--disable-gpu", "--disable-quic"])
+                settle()
+                memory["0"] = rss_mb(pid)
+                pages: list[Any] = []
+                for count in SESSION_COUNTS:
+                    while len(pages) < count:
+                        page = browser.new_page(viewport={"width": 1400, "height": 900})
+                        page.goto(server.url + "/")
+                        page.locator(".model-option").first.wait_for(timeout=120_000)
+                        pages.append(page)
+                    settle()
+                    memory[str(count)] = rss_mb(pid)
+                    before = cpu_seconds(pid), cpu_seconds_of("chromium")
+                    began = time.monotonic()
+                    if count == SESSION_COUNTS[0]:
+                        latency[str(count)] = self.dashboard_latency(server, pages[0])
+                    else:  # 10 rendering pages already take the 2 cores: measure the CPU only
+                        server.client.switch_and_wait(other_model(server))
+                    spent = time.monotonic() - began
+                    cpu[str(count)] = {"server": (cpu_seconds(pid) - before[0]) / spent,
+                                       "chromium": (cpu_seconds_of("chromium") - before[1]) / spent}
+                    self.bar.step(f"dashboard: {count} sessions, server RSS {memory[str(count)]:.0f} MB")
+                browser.close()
+        finally:
+            server.stop()
+        self.results["dashboard"] = {"rss_mb": memory, "latency": latency, "cpu": cpu}
+        self.bar.step("dashboard: done")
+
+    def dashboard_latency(self, server: ServerProcess, page: Any) -> dict[str, list[float]]:
+        """Switch start to the banner showing, and model ready to the chat unlocking, as the browser sees it."""
+        shown, unlocked = [], []
+        page.bring_to_front()  # a page in the background gets no animation frames to poll on
+        banner = page.locator(".switch-banner").first
+        for _ in range(3 if self.args.quick else 5):
+            target = other_model(server)
+            began = time.monotonic()
+            server.client.switch(target)
+            banner.wait_for(state="visible", timeout=60_000)
+            shown.append(time.monotonic() - began)
+            while server.status()["models"][target]["status"] != "running":
+                time.sleep(0.005)
+            ready = time.monotonic()
+            page.wait_for_function(CHAT_ENABLED, polling="raf", timeout=60_000)
+            unlocked.append(time.monotonic() - ready)
+            banner.wait_for(state="detached", timeout=60_000)
+        return {"banner_shown": shown, "chat_unlocked": unlocked}
+
+    # Output -----------------------------------------------------------------------------------
+    def write(self, command: str, began: float) -> None:
+        out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.results.update(machine=machine(), command=command, date=dt.date.today().isoformat(),
+                            duration_s=time.monotonic() - began)
+        if "vLLM CPU" in self.engines:
+            self.results["machine"]["vllm"] = vllm_version(str(Path(self.args.vllm_home) / "venv/bin/python"))
+        (out / "results.json").write_text(json.dumps(self.results, indent=1))
+        judged = {e: s[1 + 2 * HISTORY_LOADS:] for e, s in self.samples.items()}
+        save_png({out / "switch_timeline.png": timeline_figure(self.samples),
+                  out / "eta_error.png": eta_figure(judged)}, self.args.chromium)
+        (out / "RESULTS.md").write_text(render(self.results))
+
+
+# Panel renders into shadow roots: find the chat's text area through them.
+CHAT_ENABLED = """() => {
+  const find = (root) => {
+    const hit = root.querySelector("textarea");
+    if (hit) return hit;
+    for (const el of root.querySelectorAll("*")) {
+      const inner = el.shadowRoot && find(el.shadowRoot);
+      if (inner) return inner;
+    }
+    return null;
+  };
+  const area = find(document);
+  return area !== null && !area.disabled;
+}"""
+
+
+def other_model(server: ServerProcess) -> str:
+    return "beta" if server.status()["models"]["alpha"]["status"] == "running" else "alpha"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / TICK if fields else 0.0
+
+
+def cpu_seconds_of(name: str) -> float:
+    """CPU time of every process whose command line names ``name`` (all of Chromium's processes)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if name.encode() in (entry / "cmdline").read_bytes():
+                    total += cpu_seconds(int(entry.name))
+            except OSError:
+                continue
+    return total
+
+
+def settle() -> None:
+    time.sleep(2.0)  # let the server finish the sessions' first renders before reading its memory
+
+
+def render(r: dict[str, Any]) -> str:
+    engines = list(r["engines"])
+    m = r["machine"]
+
+    def each(fn: Any) -> list[str]:
+        return [fn(r["engines"][e]) for e in engines]
+
+    def med(e: dict[str, Any], key: str) -> float | None:
+        return median_or_none([s[key] for s in e["switches"]])
+
+    def ratio(e: dict[str, Any]) -> str:
+        overhead, start = med(e, "overhead"), med(e, "engine_start")
+        return f"{fmt_s(overhead)} ({fmt_pct(overhead / start)} of the engine's start)" if overhead and start else "n/a"
+
+    def eta(e: dict[str, Any], mark: int) -> str:
+        errs = [x[str(mark)] for x in e["eta_errors"] if str(mark) in x]
+        worst = max(errs, key=abs) if errs else None
+        return f"median {fmt_pct(median_or_none([abs(x) for x in errs]))}, worst {fmt_pct(worst, signed=True)}"
+
+    def eta_ok(e: dict[str, Any]) -> bool:
+        return all(abs(v) <= 0.15 for x in e["eta_errors"] for v in x.values())
+
+    overhead_ok = all((med(r["engines"][e], "overhead") or 9) < 0.3 for e in engines)
+    ready_ok = all((med(r["engines"][e], "readiness") or 9) < 0.2 for e in engines)
+    growth_ok = all(max(r["engines"][e]["rss_growth_per_switch"]) <= 0.10 for e in engines)
+    status_ok = all(r["engines"][e]["status"]["16"]["p99"] < 0.020 for e in engines)
+    rows = [
+        ["1. Switch overhead (median): switch time not spent by the engines", "< 0.3 s",
+         *each(ratio), verdict(overhead_ok)],
+        ["2. Readiness detection after /health 200 (median / worst)", "< 0.2 s",
+         *each(lambda e: f"{fmt_s(med(e, 'readiness'))} / "
+                         f"{fmt_s(max(s['readiness'] for s in e['switches'] if s['readiness'] is not None))}"),
+         verdict(ready_ok)],
+        *[[f"3. ETA error at {mark} % (vs the real remaining time)", "within 15 %",
+           *each(lambda e, mark=mark: eta(e, mark)), verdict(all(eta_ok(r["engines"][e]) for e in engines))]
+          for mark in ETA_MARKS],
+        ["4. `GET /v1/models/status` p99 at 16 clients during switches", "< 20 ms (2 cores)",
+         *each(lambda e: fmt_ms(e["status"]["16"]["p99"])), verdict(status_ok)],
+        ["6. Orchestrator memory growth during a switch (worst peak RSS over the RSS before)", "≤ 10 %",
+         *each(lambda e: f"{fmt_pct(max(e['rss_growth_per_switch']))} "
+                         f"(of {e['rss_mb']['first']:.0f} MB)"), verdict(growth_ok)],
+    ]
+    status_rows = [[e, str(c), fmt_ms(r["engines"][e]["status"][str(c)]["p50"]),
+                    fmt_ms(r["engines"][e]["status"][str(c)]["p99"]),
+                    f"{r['engines'][e]['status'][str(c)]['rps']:.0f}"] for e in engines for c in CLIENT_COUNTS]
+    switch_rows = [[e, fmt_s(med(r["engines"][e], "wall"), 2), fmt_s(med(r["engines"][e], "unload"), 2),
+                    fmt_s(med(r["engines"][e], "engine_start"), 2), fmt_s(med(r["engines"][e], "overhead")),
+                    fmt_s(med(r["engines"][e], "readiness"))] for e in engines]
+    text = [
+        "# Benchmark results", "",
+        f"Produced by `{r['command']}` on {r['date']} in {r['duration_s'] / 60:.1f} minutes.", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']} RAM, {m['os']}, Python {m['python']}"
+        + (f", vLLM {m['vllm']} (CPU build)" if "vllm" in m else "") + ". No GPU: the GPU is virtual (its memory is"
+        " what the engines declare), so the figures are about switching, not about loading weights onto a GPU.", "",
+        "Everything is measured from outside a real `smartswitch serve`: the engine's process start comes from"
+        " `/proc`, its first `/health` 200 from a prober polling every 5 ms, and the switch's end from the"
+        " `complete` event on the API's SSE stream. Times on a 2-core machine are noisy; the ratios travel better.",
+        "", "## Against the targets", "",
+        markdown_table(["measure", "target", *engines, "verdict"], rows), "",
+        "## Where a switch's time goes (medians)", "",
+        markdown_table(["engine", "whole switch", "unloading the previous model", "engine: spawn to /health 200",
+                        "overhead", "readiness detection"], switch_rows), "",
+        "Overhead is what is left of the switch once the engines' own work is taken out: from the previous"
+        " engine's exit (or the request) to the new engine's spawn, plus from its `/health` 200 to the"
+        " `complete` event reaching the client. Readiness detection is the second part alone.", "",
+        "![switch timeline](switch_timeline.png)", "",
+        f"## ETA accuracy (after {HISTORY_LOADS} loads of each model)", "",
+        "![ETA error](eta_error.png)", "",
+        "## `GET /v1/models/status` under load, while switches run back to back", "",
+        markdown_table(["engine", "clients", "p50", "p99", "requests/s"], status_rows), "",
+        "The clients are keep-alive connections in the benchmark's own process, on the same 2 cores as the"
+        " server and the engines, so these figures include the client's cost.", "",
+    ]
+    if "dashboard" in r:
+        d = r["dashboard"]
+        rss = d["rss_mb"]
+        per = [[str(n), f"{rss[str(n)]:.0f} MB", f"{(rss[str(n)] - rss['0']) / n:.1f} MB"] for n in SESSION_COUNTS]
+        lat = [[n, fmt_ms(median_or_none(v["banner_shown"])), fmt_ms(max(v["banner_shown"])),
+                fmt_ms(median_or_none(v["chat_unlocked"])), fmt_ms(max(v["chat_unlocked"]))]
+               for n, v in d["latency"].items()]
+        load = [[n, f"{v['server'] * 100:.0f} %", f"{v['chromium'] * 100:.0f} %"] for n, v in d["cpu"].items()]
+        text += [
+            "## 5. Dashboard in Chromium", "",
+            markdown_table(["open sessions", "switch request → banner shown (median)", "worst",
+                            "model ready → chat unlocked (median)", "worst"], lat), "",
+            "Latency is measured by Playwright, polling once a frame; 'model ready' is when"
+            " `/v1/models/status` first says running, polled every 5 ms.", "",
+            f"Server memory with no session open: {rss['0']:.0f} MB.", "",
+            markdown_table(["open sessions", "server RSS", "per session (above no session)"], per), "",
+            "CPU used while a switch runs (100 % is one core), server and browser side by side. The browser"
+            " runs on the same 2 cores: from 10 pages on, their rendering takes both cores and a browser-side"
+            " latency would measure that contention, so latency is measured with one page open.", "",
+            markdown_table(["open sessions", "server", "Chromium (all pages)"], load), "",
+        ]
+    return "\n".join(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--skip-vllm", action="store_true", help="sim engine only")
+    parser.add_argument("--skip-dashboard", action="store_true", help="no browser measurements")
+    parser.add_argument("--out", default=str(HERE), help="where RESULTS.md, results.json and the PNGs go")
+    parser.add_argument("--vllm-home", default=os.environ.get(
+        "SMARTSWITCH_VLLM_HOME", str(Path.home() / ".cache/smartswitch/vllm")))
+    parser.add_argument("--chromium", default=os.environ.get(
+        "SMARTSWITCH_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium"))
+    args = parser.parse_args(argv)
+    if not args.skip_vllm and not (Path(args.vllm_home) / "venv/bin/python").exists():
+        parser.error(f"no vLLM venv under {args.vllm_home}: run scripts/setup_vllm.sh, or pass --skip-vllm")
+    command = "python -m benchmarks.run" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    began = time.monotonic()
+    bench = Bench(args)
+    try:
+        for engine in bench.engines:
+            bench.run_engine(engine)
+        if not args.skip_dashboard:
+            bench.run_dashboard()
+        bench.bar.show("writing the results")
+        bench.write(command, began)
+        bench.bar.step("done")
+    finally:
+        bench.bar.close()
+        shutil.rmtree(bench.root, ignore_errors=True)
+    print(f"Results: {Path(args.out) / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()
