@@ -12,7 +12,7 @@ import httpx
 
 from dashboard.config import ModelSpec
 from dashboard.engines import signals as sig
-from dashboard.engines.vllm_logs import meaningful_tail, parse_line, split_lines
+from dashboard.engines.vllm_logs import meaningful_tail, milestone_key, parse_line, split_lines
 
 READY_POLL_S = 0.1  # readiness must be seen within 0.2 s of the server coming up
 UNHEALTHY_AFTER = 3  # consecutive failed health checks before a serving engine counts as dead
@@ -121,12 +121,17 @@ class Engine(ABC):
 
     async def _pump(self, from_start: bool) -> None:
         buffer = ""
+        seen: set[str] = set()
         async for chunk in self._output(from_start):
             self.last_output_at = time.monotonic()
             lines, buffer = split_lines(buffer + chunk)
             for line in lines:
                 if line.strip():
                     self.tail.append(line)
+                key = milestone_key(line)
+                if key is not None and key not in seen:
+                    seen.add(key)
+                    self.queue.put_nowait(sig.Milestone(key))
                 signal = parse_line(line)
                 if signal is not None:
                     self.queue.put_nowait(signal)

@@ -70,6 +70,17 @@ class ServerUp:
 
 
 @dataclass(frozen=True)
+class Milestone:
+    """A log statement (process and source location) seen for the first time in this start.
+
+    Its place in past loads of the same model anchors the ETA: vLLM prints dozens of these, most of
+    them long before the load phases the other signals name.
+    """
+
+    key: str
+
+
+@dataclass(frozen=True)
 class Ready:
     """``/health`` answered 200 after the server came up."""
 
@@ -106,6 +117,7 @@ EngineSignal = (
     | GraphCapture
     | EngineInitialized
     | ServerUp
+    | Milestone
     | Ready
     | EngineError
     | Exited

@@ -11,7 +11,7 @@ from dashboard.engines import signals as sig
 PREFIX = re.compile(
     r"^\s*(?:\((?P<proc>[\w:.-]+)(?: pid=\d+)?\)\s+)?"
     r"(?:(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?\s+"
-    r"\[[^\]]*\]\s?)?"
+    r"\[(?P<where>[^\]]*)\]\s?)?"
 )
 NUMBER = r"([0-9][0-9,]*(?:\.[0-9]+)?)"
 UNIT_BYTES = {"gib": 1024**3, "gb": 10**9, "mib": 1024**2, "mb": 10**6, "tib": 1024**4, "tb": 10**12}
@@ -59,6 +59,14 @@ def strip_prefix(line: str) -> tuple[str, str | None]:
     """The message without the vLLM prefix or indentation, and the log level."""
     body, level = split_prefix(line)
     return body.strip(), level
+
+
+def milestone_key(line: str) -> str | None:
+    """The log statement a line came from (``Worker default_loader.py:501``), or None without a prefix."""
+    match = PREFIX.match(line)
+    if match is None or not match.group("where"):
+        return None
+    return f"{match.group('proc') or ''} {match.group('where')}".strip()
 
 
 def _number(text: str) -> float:

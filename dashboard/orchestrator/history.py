@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from typing import Any
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS phase_durations (
     model_id TEXT NOT NULL, phase TEXT NOT NULL, seconds REAL NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS milestones (model_id TEXT NOT NULL, key TEXT NOT NULL, seconds_left REAL NOT NULL,
+                                       at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS loads (
     model_id TEXT NOT NULL, at REAL NOT NULL, total_s REAL NOT NULL, outcome TEXT NOT NULL,
     bytes_total INTEGER, weights_s REAL);
@@ -83,6 +86,20 @@ class History:
             if outcome in ("success", "unloaded"):  # an unload's row carries its measured stop time
                 db.executemany("INSERT INTO phase_durations VALUES (?, ?, ?, ?)",
                                [(model_id, phase, s, now) for phase, s in durations.items()])
+
+    def record_milestones(self, model_id: str, seconds_left: dict[str, float]) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.executemany("INSERT INTO milestones VALUES (?, ?, ?, ?)",
+                           [(model_id, key, left, now) for key, left in seconds_left.items()])
+
+    def learned_milestones(self, model_id: str, window: int = 5) -> dict[str, float]:
+        """For each log milestone of this model: the median seconds it came before ready, over its last loads."""
+        rows = self._query("SELECT key, seconds_left FROM milestones WHERE model_id = ? ORDER BY at", (model_id,))
+        past: dict[str, list[float]] = {}
+        for key, left in rows:
+            past.setdefault(key, []).append(left)
+        return {key: statistics.median(values[-window:]) for key, values in past.items()}
 
     def phase_history(self, model_id: str) -> dict[str, list[float]]:
         rows = self._query("SELECT phase, seconds FROM phase_durations WHERE model_id = ? ORDER BY at",

@@ -74,8 +74,13 @@ class ProgressSnapshot:
 class Progress:
     """Folds phases and signals into a percentage that never goes backwards, and an ETA."""
 
-    def __init__(self, expected: Mapping[str, float], now: float) -> None:
+    def __init__(self, expected: Mapping[str, float], now: float,
+                 milestones: Mapping[str, float] | None = None) -> None:
         self.expected = dict(expected)
+        # Seconds from each log milestone to ready, learned from this model's past loads.
+        self.learned = dict(milestones or {})
+        self.seen: dict[str, float] = {}
+        self.anchor: tuple[float, float] | None = None  # (when, seconds left then) of the last known milestone
         self.order = [p for p in PHASES if p in self.expected]
         self.phase = self.order[0]
         self.phase_started = now
@@ -97,6 +102,11 @@ class Progress:
         self.phase, self.phase_started, self.fraction = phase, now, None
 
     def on_signal(self, signal: sig.EngineSignal, now: float) -> None:
+        if isinstance(signal, sig.Milestone):
+            self.seen.setdefault(signal.key, now)
+            if signal.key in self.learned:
+                self.anchor = (now, self.learned[signal.key])
+            return
         phase = phase_of(signal)
         if phase is not None:
             self.enter(phase, now)
@@ -111,7 +121,12 @@ class Progress:
         """Close the current phase; returns measured seconds per phase (for history)."""
         self.durations[self.phase] = now - self.phase_started
         self._percent, self.finished = 100, True
+        self.finished_at = now
         return dict(self.durations)
+
+    def milestones_left(self) -> dict[str, float]:
+        """Seconds from each milestone seen to the end of the (finished) load, for history."""
+        return {key: self.finished_at - at for key, at in self.seen.items()}
 
     def snapshot(self, now: float) -> ProgressSnapshot:
         if self.finished:
@@ -131,7 +146,14 @@ class Progress:
         after = sum(self.expected[p] for p in self.order[index + 1:])
         done = sum(self.expected[p] for p in self.order[:index]) + expected_here * fraction
         total = sum(self.expected.values())
-        self._percent = max(self._percent, min(99, int(100 * done / total)))
+        eta, share_done = remaining_here + after, done / total
+        if self.anchor is not None:
+            # A milestone this model always prints a known time before ready beats the phase model.
+            at, left = self.anchor
+            eta = max(left - (now - at), 0.0)
+            elapsed = now - self.started
+            share_done = elapsed / (elapsed + eta) if elapsed + eta > 0 else 1.0
+        self._percent = max(self._percent, min(99, int(100 * share_done)))
         slow = elapsed_here > 2 * expected_here + 5 or (now - self.started) > 1.5 * total + 5
         bytes_loaded = None
         if self.bytes_total is not None:
@@ -141,7 +163,7 @@ class Progress:
         return ProgressSnapshot(
             phase=self.phase,
             percent=self._percent,
-            eta_s=round(remaining_here + after, 1),
+            eta_s=round(eta, 1),
             message=PHASE_TEXT[self.phase]
             + (f" (shard {self.shards[0]}/{self.shards[1]})" if self.shards and self.phase == "loading_weights" else "")
             + (" (this may take a while)" if slow else ""),

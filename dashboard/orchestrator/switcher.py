@@ -310,7 +310,7 @@ class Orchestrator:
         expected = dict(self.expected(run.target))
         if the_plan.unload:
             expected["unloading"] = sum(expected_stop(self.history.phase_history(mid)) for mid in the_plan.unload)
-        run.progress = Progress(expected, time.monotonic())
+        run.progress = Progress(expected, time.monotonic(), self.history.learned_milestones(run.target))
         if the_plan.unload:
             names = ", ".join(self.models[m].spec.name + (" (to sleep)" if m in the_plan.sleep else "")
                               for m in the_plan.unload)
@@ -339,6 +339,7 @@ class Orchestrator:
         load_durations = {p: s for p, s in durations.items() if p in LOAD_PHASES}
         self.history.record_load(run.target, load_durations, sum(load_durations.values()), "success",
                                  run.progress.bytes_total)
+        self.history.record_milestones(run.target, run.progress.milestones_left())
         self._expected.pop(run.target, None)
         self._tick(run)
         return CompleteEvent(run.id, "success", run.target, self._elapsed(run))

@@ -20,3 +20,11 @@ def test_a_failed_load_teaches_the_eta_nothing(tmp_path: Path) -> None:
     history = History(tmp_path / "h.sqlite")
     history.record_load("big", {"loading_weights": 99.0}, 99.0, "failed")
     assert history.phase_history("big") == {}
+
+
+def test_milestones_are_learned_as_the_median_of_recent_loads(tmp_path: Path) -> None:
+    history = History(tmp_path / "h.sqlite")
+    for left in (3.0, 4.0, 8.0):
+        history.record_milestones("tiny", {"Worker default_loader.py:501": left})
+    assert history.learned_milestones("tiny") == {"Worker default_loader.py:501": 4.0}
+    assert history.learned_milestones("other") == {}

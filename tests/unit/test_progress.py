@@ -84,3 +84,17 @@ def test_percent_never_goes_backwards(events, gaps) -> None:
         assert last <= snap.percent <= 99
         assert snap.eta_s is not None and snap.eta_s >= 0
         last = snap.percent
+
+
+def test_a_known_log_milestone_anchors_the_eta_to_this_models_past_loads() -> None:
+    # In past loads, "Worker default_loader.py:501" came 2 s before ready; the phases alone say ~8 s.
+    p = Progress(EXPECTED, now=0.0, milestones={"Worker default_loader.py:501": 2.0})
+    p.enter("starting", 0.0)
+    p.on_signal(sig.Milestone("APIServer utils.py:12"), 0.5)  # never seen before: no anchor
+    assert p.snapshot(0.5).eta_s == 9.5
+    p.on_signal(sig.Milestone("Worker default_loader.py:501"), 4.0)
+    snap = p.snapshot(4.5)
+    assert snap.eta_s == 1.5
+    assert snap.percent == int(100 * 4.5 / 6.0)
+    p.finish(6.2)
+    assert p.milestones_left() == {"APIServer utils.py:12": 5.7, "Worker default_loader.py:501": 2.2}

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dashboard.engines import signals as sig
-from dashboard.engines.vllm_logs import meaningful_tail, parse_line, split_lines
+from dashboard.engines.vllm_logs import meaningful_tail, milestone_key, parse_line, split_lines
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -30,6 +30,17 @@ def test_real_cpu_startup_yields_each_stage_in_order_and_no_error() -> None:
     assert (shards[0].done, shards[-1].done, shards[-1].total) == (0, 10, 10)
     assert sig.KVCache(tokens=524_288) in found
     assert sig.EngineInitialized(2.87) in found
+
+
+def test_a_real_startup_has_many_milestones_before_the_first_load_phase() -> None:
+    lines, _ = split_lines((FIXTURES / "vllm-cpu-tiny-startup.log").read_bytes().decode())
+    keys = [k for k in (milestone_key(line) for line in lines) if k is not None]
+    first_phase = next(i for i, line in enumerate(lines) if isinstance(parse_line(line), sig.LoadStarted))
+    before = {milestone_key(line) for line in lines[:first_phase]} - {None}
+    assert len(before) >= 5  # what anchors the ETA while the phases say nothing yet
+    assert all(" " in k and ".py:" in k for k in keys)  # process, then source location
+    assert milestone_key("(EngineCore pid=12) INFO 11-28 18:03:52 [core.py:93] Initializing") == "EngineCore core.py:93"
+    assert milestone_key("Loading safetensors checkpoint shards: 40% Completed | 4/10") is None
 
 
 def test_tiny_model_startup_with_tqdm_redraws() -> None:
