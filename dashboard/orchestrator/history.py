@@ -16,8 +16,8 @@ from typing import Any
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS phase_durations (
     model_id TEXT NOT NULL, phase TEXT NOT NULL, seconds REAL NOT NULL, at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS milestones (model_id TEXT NOT NULL, key TEXT NOT NULL, seconds_left REAL NOT NULL,
-                                       at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS load_milestones (model_id TEXT NOT NULL, key TEXT NOT NULL, seconds_in REAL NOT NULL,
+                                            seconds_left REAL NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS loads (
     model_id TEXT NOT NULL, at REAL NOT NULL, total_s REAL NOT NULL, outcome TEXT NOT NULL,
     bytes_total INTEGER, weights_s REAL);
@@ -87,19 +87,22 @@ class History:
                 db.executemany("INSERT INTO phase_durations VALUES (?, ?, ?, ?)",
                                [(model_id, phase, s, now) for phase, s in durations.items()])
 
-    def record_milestones(self, model_id: str, seconds_left: dict[str, float]) -> None:
+    def record_milestones(self, model_id: str, timings: dict[str, tuple[float, float]]) -> None:
+        """Each milestone's (seconds after the engine started, seconds before it was ready) in one load."""
         now = time.time()
         with self._tx() as db:
-            db.executemany("INSERT INTO milestones VALUES (?, ?, ?, ?)",
-                           [(model_id, key, left, now) for key, left in seconds_left.items()])
+            db.executemany("INSERT INTO load_milestones VALUES (?, ?, ?, ?, ?)",
+                           [(model_id, key, into, left, now) for key, (into, left) in timings.items()])
 
-    def learned_milestones(self, model_id: str, window: int = 5) -> dict[str, float]:
-        """For each log milestone of this model: the median seconds it came before ready, over its last loads."""
-        rows = self._query("SELECT key, seconds_left FROM milestones WHERE model_id = ? ORDER BY at", (model_id,))
-        past: dict[str, list[float]] = {}
-        for key, left in rows:
-            past.setdefault(key, []).append(left)
-        return {key: statistics.median(values[-window:]) for key, values in past.items()}
+    def learned_milestones(self, model_id: str, window: int = 5) -> dict[str, tuple[float, float]]:
+        """For each log milestone of this model: the medians of its timings over its last loads."""
+        rows = self._query("SELECT key, seconds_in, seconds_left FROM load_milestones WHERE model_id = ? "
+                           "ORDER BY at", (model_id,))
+        past: dict[str, list[tuple[float, float]]] = {}
+        for key, into, left in rows:
+            past.setdefault(key, []).append((into, left))
+        return {key: (statistics.median(i for i, _ in values[-window:]),
+                      statistics.median(left for _, left in values[-window:])) for key, values in past.items()}
 
     def phase_history(self, model_id: str) -> dict[str, list[float]]:
         rows = self._query("SELECT phase, seconds FROM phase_durations WHERE model_id = ? ORDER BY at",

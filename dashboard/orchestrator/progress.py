@@ -16,6 +16,7 @@ FALLBACK_SHARES = {"starting": 0.10, "loading_weights": 0.60, "initializing": 0.
 DEFAULT_THROUGHPUT_GBPS = 2.0  # used only until a first load has been measured
 FALLBACK_UNLOAD_S = 2.0
 HISTORY_WINDOW = 5
+PACE_BOUNDS = (0.5, 2.0)
 
 PHASE_TEXT = {
     "checking_memory": "Checking GPU memory",
@@ -75,13 +76,14 @@ class Progress:
     """Folds phases and signals into a percentage that never goes backwards, and an ETA."""
 
     def __init__(self, expected: Mapping[str, float], now: float,
-                 milestones: Mapping[str, float] | None = None) -> None:
+                 milestones: Mapping[str, tuple[float, float]] | None = None) -> None:
         self.expected = dict(expected)
-        # Seconds from each log milestone to ready, learned from this model's past loads.
+        # Per log milestone, from this model's past loads: (seconds after the start, seconds before ready).
         self.learned = dict(milestones or {})
         self.seen: dict[str, float] = {}
         self.anchor: tuple[float, float] | None = None  # (when, seconds left then) of the last known milestone
         self.order = [p for p in PHASES if p in self.expected]
+        self.load_started: float | None = now if self.order[0] in LOAD_PHASES else None
         self.phase = self.order[0]
         self.phase_started = now
         self.started = now
@@ -97,6 +99,8 @@ class Progress:
         if phase not in self.order or self.order.index(phase) <= self.order.index(self.phase):
             return
         self.durations[self.phase] = now - self.phase_started
+        if self.load_started is None and phase in LOAD_PHASES:
+            self.load_started = now
         for skipped in self.order[self.order.index(self.phase) + 1:self.order.index(phase)]:
             self.durations[skipped] = 0.0
         self.phase, self.phase_started, self.fraction = phase, now, None
@@ -104,8 +108,11 @@ class Progress:
     def on_signal(self, signal: sig.EngineSignal, now: float) -> None:
         if isinstance(signal, sig.Milestone):
             self.seen.setdefault(signal.key, now)
-            if signal.key in self.learned:
-                self.anchor = (now, self.learned[signal.key])
+            if signal.key in self.learned and self.load_started is not None:
+                into, left = self.learned[signal.key]
+                # This start's pace against the usual one (bounded: one odd start must not swing it far).
+                pace = min(max((now - self.load_started) / into, PACE_BOUNDS[0]), PACE_BOUNDS[1]) if into > 1 else 1.0
+                self.anchor = (now, left * pace)
             return
         phase = phase_of(signal)
         if phase is not None:
@@ -124,9 +131,10 @@ class Progress:
         self.finished_at = now
         return dict(self.durations)
 
-    def milestones_left(self) -> dict[str, float]:
-        """Seconds from each milestone seen to the end of the (finished) load, for history."""
-        return {key: self.finished_at - at for key, at in self.seen.items()}
+    def milestone_timings(self) -> dict[str, tuple[float, float]]:
+        """Each milestone's (seconds after the start, seconds before ready) in this finished load, for history."""
+        start = self.load_started if self.load_started is not None else self.started
+        return {key: (at - start, self.finished_at - at) for key, at in self.seen.items()}
 
     def snapshot(self, now: float) -> ProgressSnapshot:
         if self.finished:

@@ -339,7 +339,7 @@ class Orchestrator:
         load_durations = {p: s for p, s in durations.items() if p in LOAD_PHASES}
         self.history.record_load(run.target, load_durations, sum(load_durations.values()), "success",
                                  run.progress.bytes_total)
-        self.history.record_milestones(run.target, run.progress.milestones_left())
+        self.history.record_milestones(run.target, run.progress.milestone_timings())
         self._expected.pop(run.target, None)
         self._tick(run)
         return CompleteEvent(run.id, "success", run.target, self._elapsed(run))

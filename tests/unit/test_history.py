@@ -24,7 +24,7 @@ def test_a_failed_load_teaches_the_eta_nothing(tmp_path: Path) -> None:
 
 def test_milestones_are_learned_as_the_median_of_recent_loads(tmp_path: Path) -> None:
     history = History(tmp_path / "h.sqlite")
-    for left in (3.0, 4.0, 8.0):
-        history.record_milestones("tiny", {"Worker default_loader.py:501": left})
-    assert history.learned_milestones("tiny") == {"Worker default_loader.py:501": 4.0}
+    for into, left in ((10.0, 3.0), (12.0, 4.0), (20.0, 8.0)):
+        history.record_milestones("tiny", {"Worker default_loader.py:501": (into, left)})
+    assert history.learned_milestones("tiny") == {"Worker default_loader.py:501": (12.0, 4.0)}
     assert history.learned_milestones("other") == {}

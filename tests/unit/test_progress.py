@@ -1,5 +1,6 @@
 """Overall progress never goes backwards and the ETA comes from measured history."""
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -87,14 +88,23 @@ def test_percent_never_goes_backwards(events, gaps) -> None:
 
 
 def test_a_known_log_milestone_anchors_the_eta_to_this_models_past_loads() -> None:
-    # In past loads, "Worker default_loader.py:501" came 2 s before ready; the phases alone say ~8 s.
-    p = Progress(EXPECTED, now=0.0, milestones={"Worker default_loader.py:501": 2.0})
-    p.enter("starting", 0.0)
+    # In past loads, "Worker default_loader.py:501" came 3 s after the start and 2 s before ready;
+    # the phases alone say about 9 s.
+    learned = {"Worker default_loader.py:501": (3.0, 2.0)}
+    p = Progress(EXPECTED, now=0.0, milestones=learned)
     p.on_signal(sig.Milestone("APIServer utils.py:12"), 0.5)  # never seen before: no anchor
     assert p.snapshot(0.5).eta_s == 9.5
-    p.on_signal(sig.Milestone("Worker default_loader.py:501"), 4.0)
-    snap = p.snapshot(4.5)
+    p.on_signal(sig.Milestone("Worker default_loader.py:501"), 3.0)
+    snap = p.snapshot(3.5)
     assert snap.eta_s == 1.5
-    assert snap.percent == int(100 * 4.5 / 6.0)
-    p.finish(6.2)
-    assert p.milestones_left() == {"APIServer utils.py:12": 5.7, "Worker default_loader.py:501": 2.2}
+    assert snap.percent == 70  # 3.5 s of 5 s
+    p.finish(5.2)
+    timings = p.milestone_timings()
+    assert timings["APIServer utils.py:12"] == pytest.approx((0.5, 4.7))
+    assert timings["Worker default_loader.py:501"] == pytest.approx((3.0, 2.2))
+
+
+def test_a_slower_start_than_usual_stretches_the_rest_of_the_eta_alike() -> None:
+    p = Progress(EXPECTED, now=0.0, milestones={"Worker default_loader.py:501": (3.0, 2.0)})
+    p.on_signal(sig.Milestone("Worker default_loader.py:501"), 4.5)  # 1.5 times slower so far
+    assert p.snapshot(4.5).eta_s == 3.0
