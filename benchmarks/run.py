@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -322,6 +323,13 @@ def render(r: dict[str, Any]) -> str:
         worst = max(errs, key=abs) if errs else None
         return f"median {fmt_pct(median_or_none([abs(x) for x in errs]))}, worst {fmt_pct(worst, signed=True)}"
 
+    def spread(e: dict[str, Any]) -> str:
+        worst = 0.0
+        for target in {s["target"] for s in e["switches"]}:
+            walls = [s["wall"] for s in e["switches"] if s["target"] == target]
+            worst = max(worst, (max(walls) - min(walls)) / statistics.median(walls))
+        return fmt_pct(worst)
+
     def eta_ok(e: dict[str, Any]) -> bool:
         return all(abs(v) <= 0.15 for x in e["eta_errors"] for v in x.values())
 
@@ -339,6 +347,8 @@ def render(r: dict[str, Any]) -> str:
         *[[f"3. ETA error at {mark} % (vs the real remaining time)", "within 15 %",
            *each(lambda e, mark=mark: eta(e, mark)), verdict(all(eta_ok(r["engines"][e]) for e in engines))]
           for mark in ETA_MARKS],
+        ["(for 3.) How much the same model's load time varies in this run: (slowest − fastest) / median", "",
+         *each(spread), ""],
         ["4. `GET /v1/models/status` p99 at 16 clients during switches", "< 20 ms (2 cores)",
          *each(lambda e: fmt_ms(e["status"]["16"]["p99"])), verdict(status_ok)],
         ["6. Orchestrator memory growth during a switch (worst peak RSS over the RSS before)", "≤ 10 %",
@@ -370,6 +380,11 @@ def render(r: dict[str, Any]) -> str:
         " `complete` event reaching the client. Readiness detection is the second part alone.", "",
         "![switch timeline](switch_timeline.png)", "",
         f"## ETA accuracy (after {HISTORY_LOADS} loads of each model)", "",
+        "The ETA comes from this model's history: the median duration of each load phase, and, as soon as"
+        " the engine prints a log line it printed in earlier loads, that line's usual distance to ready,"
+        " scaled by how fast this start has been so far. A stretch of a load in which the engine prints"
+        " nothing cannot be predicted better than it varies from one load to the next (the spread row"
+        " above); the error is measured against the time really left, so it grows as that time shrinks.", "",
         "![ETA error](eta_error.png)", "",
         "## `GET /v1/models/status` under load, while switches run back to back", "",
         markdown_table(["engine", "clients", "p50", "p99", "requests/s"], status_rows), "",

@@ -93,6 +93,7 @@ class Progress:
         self.durations: dict[str, float] = {}
         self._percent = 0
         self.finished = False
+        self.finished_at = now
 
     def enter(self, phase: str, now: float) -> None:
         """Move forward to ``phase``; phases already passed are ignored."""
