@@ -173,3 +173,39 @@ def test_model_manager_unloads_a_model_and_the_activity_log_shows_it(open_page, 
     page.locator(".bk-tab", has_text="Activity").click()
     expect(page.locator(".activity .tabulator-row", has_text="unload").first).to_contain_text("dashboard:anonymous",
                                                                                     timeout=5000)
+
+
+def test_model_manager_sleeps_wakes_and_pins_a_model(open_page, demo_server: Server) -> None:
+    wait_idle(demo_server)
+    httpx.post(f"{demo_server.url}/v1/models/switch", json={"target_model": "llama-3.1-8b-instruct", "stream": False},
+               headers=demo_server.headers, timeout=60)
+    page = open_page()
+    page.locator(".bk-tab", has_text="Models").click()
+    row = page.locator(".model-table .tabulator-row", has_text="Llama-3.1-8B-Instruct")
+    expect(row).to_contain_text("running", timeout=5000)
+    row.locator('.tabulator-cell[tabulator-field="model"]').click()
+
+    page.locator(".action-sleep button").click()
+    expect(page.get_by_text("Sleep Llama-3.1-8B-Instruct: done")).to_be_visible(timeout=30_000)
+    expect(row).to_contain_text("sleeping", timeout=5000)
+    # Asleep, it holds only a sliver of the GPU, and the selector says so.
+    expect(option(page, "Llama-3.1-8B-Instruct")).to_contain_text("sleeping")
+
+    page.locator(".action-wake button").click()
+    expect(page.get_by_text("Wake Llama-3.1-8B-Instruct: done")).to_be_visible(timeout=30_000)
+    expect(row).to_contain_text("running", timeout=5000)
+
+    def pinned() -> bool:
+        return httpx.get(f"{demo_server.url}/v1/models/status",
+                         headers=demo_server.headers).json()["models"]["llama-3.1-8b-instruct"]["pinned"]
+
+    page.locator(".action-pin button").click()
+    expect(page.get_by_text("Pin Llama-3.1-8B-Instruct: done")).to_be_visible(timeout=10_000)
+    assert pinned()
+    page.locator(".action-unpin button").click()
+    expect(page.get_by_text("Unpin Llama-3.1-8B-Instruct: done")).to_be_visible(timeout=10_000)
+    assert not pinned()
+    page.locator(".bk-tab", has_text="Activity").click()
+    for action in ("sleep", "wake", "pin", "unpin"):
+        expect(page.locator(".activity .tabulator-row", has_text=action).first).to_contain_text("dashboard:anonymous",
+                                                                                      timeout=5000)

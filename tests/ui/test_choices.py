@@ -1,0 +1,95 @@
+"""Choices the dashboard puts to the researcher: confirm an unload first, continue with the last model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect
+
+from tests.conftest import Server, sim_processes, wait_for
+from tests.ui.test_dashboard import chat_box, option
+
+CONFIRM_CATALOG = """
+[gpu]
+source = "virtual"
+total_gb = 100
+
+[switching]
+confirm_before_unload = true
+
+[models.alpha]
+name = "Alpha-60B"
+size_gb = 120
+gpu_memory_gb = 60
+args = ["--load-seconds", "0.5"]
+
+[models.beta]
+name = "Beta-60B"
+size_gb = 120
+gpu_memory_gb = 60
+args = ["--load-seconds", "0.5"]
+"""
+
+
+@pytest.fixture(scope="module")
+def confirm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("ui-confirm"), CONFIRM_CATALOG)
+    yield srv
+    srv.stop()
+    wait_for(lambda: not sim_processes(), timeout=15, message="every sim engine to exit with the server")
+
+
+@pytest.fixture
+def new_page(browser: Browser, confirm_server: Server) -> Iterator[callable]:
+    pages: list[Page] = []
+
+    def open_() -> Page:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(confirm_server.url + "/")
+        page.locator(".model-option").first.wait_for(timeout=30_000)
+        pages.append(page)
+        return page
+
+    yield open_
+    for page in pages:
+        page.close()
+
+
+def statuses(server: Server) -> dict[str, str]:
+    models = httpx.get(f"{server.url}/v1/models/status", headers=server.headers).json()["models"]
+    return {mid: m["status"] for mid, m in models.items()}
+
+
+def test_an_unload_is_shown_and_confirmed_before_anything_stops(new_page, confirm_server: Server) -> None:
+    page = new_page()
+    option(page, "Alpha-60B").click()  # nothing to unload: no question asked
+    expect(chat_box(page)).to_be_enabled(timeout=30_000)
+
+    option(page, "Beta-60B").click()
+    confirm = page.locator(".confirm-plan")
+    expect(confirm).to_contain_text("Switch to Beta-60B?", timeout=5000)
+    expect(confirm).to_contain_text("Unloads: Alpha-60B")
+    expect(confirm).to_contain_text("GPU memory free: 40.0 GB now, 40.0 GB after")
+    page.locator(".reject-switch button").click()
+    expect(confirm).to_have_count(0, timeout=5000)
+    assert statuses(confirm_server) == {"alpha": "running", "beta": "stopped"}  # kept as it was
+
+    option(page, "Beta-60B").click()
+    expect(confirm).to_be_visible(timeout=5000)
+    page.locator(".confirm-switch button").click()
+    expect(page.locator(".status-running button", has_text="Beta-60B")).to_be_visible(timeout=30_000)
+    assert statuses(confirm_server) == {"alpha": "stopped", "beta": "running"}
+
+
+def test_a_returning_researcher_is_offered_the_last_model(new_page, confirm_server: Server) -> None:
+    httpx.post(f"{confirm_server.url}/v1/models/beta/unload", headers=confirm_server.headers, timeout=30)
+    wait_for(lambda: statuses(confirm_server)["beta"] == "stopped", message="beta to be unloaded")
+    page = new_page()  # the dashboard's last switch (the test above) was to Beta-60B
+    resume = page.locator(".last-used button")
+    expect(resume).to_have_text("Continue with Beta-60B (your last model)", timeout=5000)
+    resume.click()
+    expect(page.locator(".status-running button", has_text="Beta-60B")).to_be_visible(timeout=30_000)
+    expect(chat_box(page)).to_be_enabled(timeout=5000)
+    expect(resume).to_be_hidden()
