@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
@@ -17,12 +18,36 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--no-first-run", "--disable-sync", "--disable-quic"]
 
 
-@pytest.fixture(scope="module")
-def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("ui"), demo_path().read_text())
+def running_server(factory: pytest.TempPathFactory, name: str, catalog: str) -> Iterator[Server]:
+    """A module's own `smartswitch serve`; every engine must be gone once it stops."""
+    srv = Server(factory.mktemp(name), catalog)
     yield srv
     srv.stop()
     wait_for(lambda: not sim_processes(), timeout=15, message="every sim engine to exit with the server")
+
+
+@contextmanager
+def pages_on(browser: Browser, server: Server) -> Iterator[Callable[[], Page]]:
+    """Open dashboard pages on ``server`` (each ready to use); all are closed afterwards."""
+    pages: list[Page] = []
+
+    def open_() -> Page:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(server.url + "/")
+        page.locator(".model-option").first.wait_for(timeout=30_000)
+        pages.append(page)
+        return page
+
+    try:
+        yield open_
+    finally:
+        for page in pages:
+            page.close()
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from running_server(tmp_path_factory, "ui", demo_path().read_text())
 
 
 @pytest.fixture(scope="session")
@@ -34,16 +59,6 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def open_page(browser: Browser, demo_server: Server) -> Iterator[callable]:
-    pages: list[Page] = []
-
-    def open_() -> Page:
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(demo_server.url + "/")
-        page.locator(".model-option").first.wait_for(timeout=30_000)
-        pages.append(page)
-        return page
-
-    yield open_
-    for page in pages:
-        page.close()
+def open_page(browser: Browser, demo_server: Server) -> Iterator[Callable[[], Page]]:
+    with pages_on(browser, demo_server) as open_:
+        yield open_

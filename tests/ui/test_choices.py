@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.conftest import Server, sim_processes, wait_for
+from tests.conftest import Server, wait_for
+from tests.ui.conftest import pages_on, running_server
 from tests.ui.test_dashboard import chat_box, option
 
 CONFIRM_CATALOG = """
@@ -35,26 +36,13 @@ args = ["--load-seconds", "0.5"]
 
 @pytest.fixture(scope="module")
 def confirm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("ui-confirm"), CONFIRM_CATALOG)
-    yield srv
-    srv.stop()
-    wait_for(lambda: not sim_processes(), timeout=15, message="every sim engine to exit with the server")
+    yield from running_server(tmp_path_factory, "ui-confirm", CONFIRM_CATALOG)
 
 
 @pytest.fixture
-def new_page(browser: Browser, confirm_server: Server) -> Iterator[callable]:
-    pages: list[Page] = []
-
-    def open_() -> Page:
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(confirm_server.url + "/")
-        page.locator(".model-option").first.wait_for(timeout=30_000)
-        pages.append(page)
-        return page
-
-    yield open_
-    for page in pages:
-        page.close()
+def new_page(browser: Browser, confirm_server: Server) -> Iterator[Callable[[], Page]]:
+    with pages_on(browser, confirm_server) as open_:
+        yield open_
 
 
 def statuses(server: Server) -> dict[str, str]:

@@ -154,15 +154,21 @@ def test_replacing_a_switch_past_half_way_asks_first(open_page, demo_server: Ser
     expect(page.locator(".status-running button", has_text="GPT-OSS-120B")).to_be_visible()
 
 
-def test_model_manager_unloads_a_model_and_the_activity_log_shows_it(open_page, demo_server: Server) -> None:
-    wait_idle(demo_server)
-    httpx.post(f"{demo_server.url}/v1/models/switch", json={"target_model": "llama-3.1-8b-instruct", "stream": False},
-               headers=demo_server.headers, timeout=60)
-    page = open_page()
+def select_running_llama(page: Page, server: Server):
+    """Load Llama through the API, then select its row in the manager; returns the row."""
+    wait_idle(server)
+    httpx.post(f"{server.url}/v1/models/switch", json={"target_model": "llama-3.1-8b-instruct", "stream": False},
+               headers=server.headers, timeout=60)
     page.locator(".bk-tab", has_text="Models").click()
     row = page.locator(".model-table .tabulator-row", has_text="Llama-3.1-8B-Instruct")
     expect(row).to_contain_text("running", timeout=5000)
     row.locator('.tabulator-cell[tabulator-field="model"]').click()
+    return row
+
+
+def test_model_manager_unloads_a_model_and_the_activity_log_shows_it(open_page, demo_server: Server) -> None:
+    page = open_page()
+    row = select_running_llama(page, demo_server)
     page.locator(".action-unload button").click()
     expect(page.get_by_text("Unload Llama-3.1-8B-Instruct: done")).to_be_visible(timeout=30_000)
     # A stopped model shows its name and size only: no status words.
@@ -176,14 +182,8 @@ def test_model_manager_unloads_a_model_and_the_activity_log_shows_it(open_page, 
 
 
 def test_model_manager_sleeps_wakes_and_pins_a_model(open_page, demo_server: Server) -> None:
-    wait_idle(demo_server)
-    httpx.post(f"{demo_server.url}/v1/models/switch", json={"target_model": "llama-3.1-8b-instruct", "stream": False},
-               headers=demo_server.headers, timeout=60)
     page = open_page()
-    page.locator(".bk-tab", has_text="Models").click()
-    row = page.locator(".model-table .tabulator-row", has_text="Llama-3.1-8B-Instruct")
-    expect(row).to_contain_text("running", timeout=5000)
-    row.locator('.tabulator-cell[tabulator-field="model"]').click()
+    row = select_running_llama(page, demo_server)
 
     page.locator(".action-sleep button").click()
     expect(page.get_by_text("Sleep Llama-3.1-8B-Instruct: done")).to_be_visible(timeout=30_000)

@@ -13,7 +13,8 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from dashboard.engines.process import pid_cmdline
-from tests.conftest import Server, sim_processes, wait_for
+from tests.conftest import Server
+from tests.ui.conftest import pages_on, running_server
 from tests.ui.test_dashboard import chat_box, expect_reply, option
 
 FAULT_CATALOG = """
@@ -41,19 +42,13 @@ args = ["--load-seconds", "1.0", "--fail-at", "weights"]
 
 @pytest.fixture(scope="module")
 def fault_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("ui-faults"), FAULT_CATALOG)
-    yield srv
-    srv.stop()
-    wait_for(lambda: not sim_processes(), timeout=15, message="every sim engine to exit with the server")
+    yield from running_server(tmp_path_factory, "ui-faults", FAULT_CATALOG)
 
 
 @pytest.fixture
 def page(browser: Browser, fault_server: Server) -> Iterator[Page]:
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
-    page.goto(fault_server.url + "/")
-    page.locator(".model-option").first.wait_for(timeout=30_000)
-    yield page
-    page.close()
+    with pages_on(browser, fault_server) as open_:
+        yield open_()
 
 
 def engine_pid(model_id: str) -> int:
