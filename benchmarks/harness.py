@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from dashboard.client import SmartswitchClient
+from dashboard.engines.process import pid_cmdline, stat_fields
 from dashboard.events import CompleteEvent, ProgressEvent, SwitchEvent
 
 API_KEY = "bench-key"
@@ -39,15 +40,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def proc_stat(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
 def start_time(pid: int) -> float | None:
-    fields = proc_stat(pid)
+    fields = stat_fields(pid)
     return int(fields[19]) / TICK if fields else None  # field 22 of stat, counted after the name
 
 
@@ -67,10 +61,7 @@ def pid_listening_on(port: int) -> int | None:
     pattern = re.compile(rf"--port\s+{port}(\s|$)")
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
+            cmd = pid_cmdline(int(entry.name))
             if pattern.search(cmd) and "dashboard.cli" not in cmd:
                 return int(entry.name)
     return None
@@ -180,7 +171,7 @@ def timed_switch(server: ServerProcess, engine: str, target: str) -> SwitchSampl
     def watch(http: httpx.Client) -> None:
         port = None
         while not stop.is_set():
-            if victim_pids and sample.victim_gone is None and not any(proc_stat(p) for p in victim_pids):
+            if victim_pids and sample.victim_gone is None and not any(stat_fields(p) for p in victim_pids):
                 sample.victim_gone = now()
             if port is None:
                 endpoint = http.get(f"{server.url}/v1/models/status").json()["models"][target].get("endpoint")

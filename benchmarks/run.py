@@ -30,7 +30,6 @@ from benchmarks.harness import (
     ServerProcess,
     SwitchSample,
     hammer_status,
-    proc_stat,
     reset_peak_rss,
     rss_mb,
     timed_switch,
@@ -51,6 +50,7 @@ from benchmarks.report import (
     verdict,
     vllm_version,
 )
+from dashboard.engines.process import pid_cmdline, stat_fields
 
 HERE = Path(__file__).resolve().parent
 HISTORY_LOADS = 3  # loads of each model before its ETA is judged
@@ -283,7 +283,7 @@ def other_model(server: ServerProcess) -> str:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = proc_stat(pid)
+    fields = stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / TICK if fields else 0.0
 
 
@@ -291,12 +291,8 @@ def cpu_seconds_of(name: str) -> float:
     """CPU time of every process whose command line names ``name`` (all of Chromium's processes)."""
     total = 0.0
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if name.encode() in (entry / "cmdline").read_bytes():
-                    total += cpu_seconds(int(entry.name))
-            except OSError:
-                continue
+        if entry.name.isdigit() and name in pid_cmdline(int(entry.name)):
+            total += cpu_seconds(int(entry.name))
     return total
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dashboard.config import parse_config
-from dashboard.engines.process import pid_cmdline
+from dashboard.engines.process import pid_alive, pid_cmdline
 from dashboard.orchestrator.core import OrchestratorPort
 
 SIM_MARK = "dashboard.engines.sim"
@@ -21,13 +21,8 @@ def sim_processes() -> list[str]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             cmd = pid_cmdline(int(entry.name))
-            if SIM_MARK in cmd and "pytest" not in cmd:
-                try:
-                    state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                except OSError:
-                    continue
-                if state != "Z":
-                    found.append(cmd)
+            if SIM_MARK in cmd and "pytest" not in cmd and pid_alive(int(entry.name)):
+                found.append(cmd)
     return found
 
 

@@ -10,18 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from dashboard.engines.process import pid_alive
 from dashboard.engines.sim import LEDGER_ENV
 from dashboard.gpu.base import EngineMemory, GpuReading
 
 __all__ = ["LEDGER_ENV", "VirtualGpu"]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 class VirtualGpu:

@@ -9,6 +9,7 @@ import param
 from bokeh.models import ColumnDataSource, DatetimeTickFormatter
 from bokeh.plotting import figure
 
+from dashboard.ui.bokeh_update import update_bokeh
 from dashboard.ui.state import DashboardState
 from dashboard.ui.theme import model_colour
 
@@ -37,12 +38,7 @@ class GpuGauge(pn.viewable.Viewer):
             self._source.stream({"t": [t * 1000], "used": [used]}, rollover=600)
             self._plot.y_range.end = max(self.state.gpu_total_gb, 1.0)
 
-        # Raw Bokeh models (unlike Panel's) may only change under the document lock.
-        doc = self._plot.document
-        if doc is not None and doc.session_context is not None:
-            doc.add_next_tick_callback(update)
-        else:
-            update()
+        update_bokeh(self._plot, update)
 
     @param.depends("state.gpu_used_gb", "state.gpu_total_gb", "state.per_model_gb", "state.gpu_source",
                    "state.models")

@@ -13,10 +13,16 @@ import param
 from bokeh.models import ColumnDataSource
 from bokeh.plotting import figure
 
+from dashboard.ui.bokeh_update import update_bokeh
 from dashboard.ui.state import DashboardState
 from dashboard.ui.theme import model_colour, status_label
 
 ACTIONS = ("load", "unload", "sleep", "wake", "pin", "unpin")
+
+
+def newest_load(loads: list[dict[str, Any]]) -> float | None:
+    """When the newest load happened (the history comes newest first, capped in length)."""
+    return loads[0]["at"] if loads else None
 
 
 class ModelManager(pn.viewable.Viewer):
@@ -39,8 +45,9 @@ class ModelManager(pn.viewable.Viewer):
 
             button.on_click(run)
             self._buttons.append(button)
-        self._plotted = 0
-        self._source = ColumnDataSource(self._points(self._load_history()))
+        loads = self._load_history()
+        self._plotted = newest_load(loads)
+        self._source = ColumnDataSource(self._points(loads))
         self._plot_pane = pn.pane.Bokeh(self._plot(), sizing_mode="stretch_width")
         self.state.param.watch(self._refresh, "models")
 
@@ -63,21 +70,13 @@ class ModelManager(pn.viewable.Viewer):
             selection = self._table.selection
             self._table.value = frame
             self._table.selection = selection
-        if len(loads) != self._plotted:
+        newest = newest_load(loads)
+        if newest != self._plotted:  # a data patch on a new load: far cheaper than a new figure
+            self._plotted = newest
             points = self._points(loads)
-
-            def update() -> None:
-                self._source.data = points  # a data patch: far cheaper than a new figure each load
-
-            # Raw Bokeh models (unlike Panel's) may only change under the document lock.
-            doc = self._source.document
-            if doc is not None and doc.session_context is not None:
-                doc.add_next_tick_callback(update)
-            else:
-                update()
+            update_bokeh(self._source, lambda: setattr(self._source, "data", points))
 
     def _points(self, loads: list[dict[str, Any]]) -> dict[str, list[Any]]:
-        self._plotted = len(loads)
         rows = [r for r in loads if r["outcome"] == "success" and r["total_s"] > 0]
         ids = sorted(m["id"] for m in self.state.models)  # the same colours as the GPU gauge
         return {"at": [r["at"] * 1000 for r in rows], "seconds": [r["total_s"] for r in rows],
