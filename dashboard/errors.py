@@ -49,3 +49,23 @@ class EngineFailed(SmartswitchError):
 
     code = "engine_failed"
     http_status = 502
+
+
+class OperationInProgress(Conflict):
+    """Another operation holds the orchestrator's one operation slot."""
+
+    code = "operation_in_progress"
+
+
+class DataDirError(SmartswitchError):
+    """The data dir (or its database) cannot be used: in use by another server, corrupt, read-only."""
+
+    code = "data_dir_error"
+    http_status = 500
+
+
+class BookkeepingError(SmartswitchError):
+    """A write to the history database failed after its retries."""
+
+    code = "bookkeeping_failed"
+    http_status = 503

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dashboard.config import Config, ConfigError, ModelSpec, load_config
+from dashboard.config import Config, ConfigError, ModelSpec
 from dashboard.engines.base import Engine
 from dashboard.engines.process import ProcessEngine, free_port
 from dashboard.events import Event, StatusEvent, SwitchEvent, is_terminal
@@ -26,11 +24,9 @@ from dashboard.gpu.base import GpuMonitor
 from dashboard.gpu.nvml import NvmlGpu, find_nvml_gpu
 from dashboard.gpu.virtual import LEDGER_ENV, VirtualGpu
 from dashboard.orchestrator.history import History
-from dashboard.orchestrator.switcher import EngineFactory, Orchestrator
+from dashboard.orchestrator.machine import EngineFactory, Orchestrator
 
 T = TypeVar("T")
-CONFIG_ENV = "SMARTSWITCH_CONFIG"
-DATA_DIR_ENV = "SMARTSWITCH_DATA_DIR"
 
 
 def make_gpu(config: Config, data_dir: Path) -> GpuMonitor:
@@ -63,8 +59,25 @@ def make_engine_factory(config: Config, data_dir: Path, gpu: GpuMonitor) -> Engi
             return DockerEngine(spec, port or free_port(), container_id=ref, gpu_total_gb=gpu_total_gb,
                                 instance=str(data_dir), **options)
         return ProcessEngine(spec, port or free_port(), data_dir / "logs", gpu_total_gb=gpu_total_gb,
-                             pid=int(ref) if ref else None, env=env, **options)
+                             ref=ref, instance=str(data_dir), env=env, **options)
     return factory
+
+
+def make_sweep(config: Config, data_dir: Path) -> Callable[[set[str]], list[str]]:
+    """Stops engines marked with this data dir that no record knows (processes, and containers if used)."""
+    from dashboard.engines.process import sweep as sweep_processes
+
+    instance = str(data_dir)
+    docker = any(m.runtime == "docker" for m in config.models.values())
+
+    def sweep(adopted: set[str]) -> list[str]:
+        found = sweep_processes(instance, adopted)
+        if docker:
+            from dashboard.engines.docker import sweep as sweep_containers
+
+            found += sweep_containers(instance, adopted)
+        return found
+    return sweep
 
 
 class OrchestratorPort:
@@ -79,12 +92,7 @@ class OrchestratorPort:
         self.history = History(self.data_dir / "smartswitch.sqlite")
         factory = engine_factory or make_engine_factory(config, self.data_dir, gpu)
         self.loop = asyncio.new_event_loop()
-        sweep = None
-        if any(m.runtime == "docker" for m in config.models.values()):
-            from dashboard.engines.docker import sweep as sweep_containers
-
-            sweep = partial(sweep_containers, str(self.data_dir))
-        self.core = Orchestrator(config, gpu, self.history, factory, sweep)
+        self.core = Orchestrator(config, gpu, self.history, factory, make_sweep(config, self.data_dir))
         self._thread = threading.Thread(target=self.loop.run_forever, name="smartswitch-orchestrator",
                                         daemon=True)
         self._closed = False
@@ -179,7 +187,7 @@ class OrchestratorPort:
         self._run(self.core.wake(model_id, actor), timeout=None)
 
     def set_pinned(self, model_id: str, pinned: bool, actor: str = "api") -> None:
-        self._on_loop(lambda: self.core.set_pinned(model_id, pinned, actor))
+        self._run(self.core.set_pinned(model_id, pinned, actor))
 
     # Actions (async, for callers on another loop: Tornado handlers, notebooks) ----------------
     async def aswitch(self, target: str, actor: str = "api") -> str:
@@ -284,18 +292,3 @@ class OrchestratorPort:
                     return event
         finally:
             self.loop.call_soon_threadsafe(unsubscribe)
-
-
-_lock = threading.Lock()
-_instance: OrchestratorPort | None = None
-
-
-def get_orchestrator() -> OrchestratorPort:
-    """The process-wide orchestrator, configured from SMARTSWITCH_CONFIG / SMARTSWITCH_DATA_DIR."""
-    global _instance
-    with _lock:
-        if _instance is None:
-            config = load_config(os.environ.get(CONFIG_ENV) or None)
-            data_dir = os.environ.get(DATA_DIR_ENV)
-            _instance = OrchestratorPort(config, data_dir=Path(data_dir) if data_dir else None).start()
-        return _instance
