@@ -23,6 +23,7 @@ from dashboard.events import Event, StatusEvent, SwitchEvent, is_terminal
 from dashboard.gpu.base import GpuMonitor
 from dashboard.gpu.nvml import NvmlGpu, find_nvml_gpu
 from dashboard.gpu.virtual import LEDGER_ENV, VirtualGpu
+from dashboard.orchestrator.datadir import DataDirLock, prepare_data_dir
 from dashboard.orchestrator.history import History
 from dashboard.orchestrator.machine import EngineFactory, Orchestrator
 
@@ -84,10 +85,11 @@ class OrchestratorPort:
     """Thread-safe access to the one orchestrator of this process."""
 
     def __init__(self, config: Config, *, data_dir: Path | None = None, gpu: GpuMonitor | None = None,
-                 engine_factory: EngineFactory | None = None) -> None:
+                 engine_factory: EngineFactory | None = None, url: str | None = None) -> None:
         self.config = config
-        self.data_dir = Path(data_dir) if data_dir is not None else config.data_dir
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.url = url
+        self.data_dir = prepare_data_dir(Path(data_dir) if data_dir is not None else config.data_dir)
+        self.lock = DataDirLock(self.data_dir)
         gpu = gpu or make_gpu(config, self.data_dir)
         self.history = History(self.data_dir / "smartswitch.sqlite")
         factory = engine_factory or make_engine_factory(config, self.data_dir, gpu)
@@ -99,8 +101,15 @@ class OrchestratorPort:
 
     # Lifecycle --------------------------------------------------------------------------------
     def start(self) -> OrchestratorPort:
+        """Take the data dir (one server per data dir), then adopt, reconcile and serve."""
+        self.lock.acquire(self.url)
         self._thread.start()
-        self._run(self.core.start(), timeout=120)
+        try:
+            self._run(self.core.start(), timeout=120)
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.lock.release()
+            raise
         atexit.register(self.close)
         return self
 
@@ -118,6 +127,7 @@ class OrchestratorPort:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
             self.history.close()
+            self.lock.release()
 
     def __enter__(self) -> OrchestratorPort:
         return self.start()

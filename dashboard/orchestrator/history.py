@@ -1,17 +1,35 @@
-"""What must outlive the process, in SQLite: load history, measured memory, audit log, engines."""
+"""What must outlive the process, in SQLite: load history, measured memory, audit log, engines.
+
+Bookkeeping never blocks or kills the orchestrator: writes are queued to one writer thread that applies
+them in order, retrying a busy or failing database for a bounded time before dropping the write (logged
+and counted). Reads stay synchronous; WAL lets them run beside the writer.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import queue
 import sqlite3
 import statistics
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dashboard.errors import DataDirError
+from dashboard.orchestrator.datadir import create_private
+
+log = logging.getLogger(__name__)
+RETRY_FOR_S = 60.0  # how long a write may keep failing (locked, disk full) before it is dropped
+READ_WAIT_S = 1.0  # how long a read waits for queued writes, so it sees what was just written
+CLOSE_FLUSH_S = 5.0
+WRITE_BUSY_S = 0.25  # the writer's own busy wait per attempt; the retry loop does the rest
+READ_BUSY_S = 2.0
+MAX_BACKOFF_S = 2.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS phase_durations (
@@ -46,58 +64,185 @@ class EngineRecord:
     started_at: float
 
 
+@dataclass(frozen=True)
+class _Write:
+    what: str  # for the log line if it has to be dropped
+    apply: Callable[[sqlite3.Connection], None]
+    queued_at: float
+
+
 class History:
-    """One SQLite file under the data dir; safe to call from any thread."""
+    """One SQLite file under the data dir; safe to call from any thread.
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+    Opening checks the file (an SQLite database, intact, writable) and raises ``DataDirError`` with what
+    to do. ``write_failures`` counts writes dropped after their retries, ``last_write_error`` says why
+    the last one was, and ``on_write_error`` (when set) is called with that message from the writer thread.
+    """
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN")
+    def __init__(self, path: Path, *, retry_for_s: float = RETRY_FOR_S) -> None:
+        self.path = Path(path)
+        self.retry_for_s = retry_for_s
+        self.write_failures = 0
+        self.last_write_error: str | None = None
+        self.on_write_error: Callable[[str], None] | None = None
+        self._writer = open_checked(self.path)
+        self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                       timeout=READ_BUSY_S)
+        self._read_lock = threading.Lock()
+        self._jobs: queue.Queue[_Write | None] = queue.Queue()
+        self._progress = threading.Condition()
+        self._submitted = 0
+        self._applied = 0
+        self._stalled_since: float | None = None  # start of the current failure streak (logged once)
+        self._retrying = False  # the writer is waiting to retry: readers don't wait for it
+        self._read_failing = False
+        self._closing = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._write_loop, name="smartswitch-history", daemon=True)
+        self._thread.start()
+
+    # Writes: queued, applied in order by one thread --------------------------------------------
+    def _submit(self, what: str, apply: Callable[[sqlite3.Connection], None]) -> None:
+        if self._closed:
+            log.warning("history %s is closed; not recorded: %s", self.path, what)
+            return
+        with self._progress:
+            self._submitted += 1
+        self._jobs.put(_Write(what, apply, time.monotonic()))
+
+    def _write_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._apply(job)
+            with self._progress:
+                self._applied += 1
+                self._progress.notify_all()
+        self._writer.close()
+
+    def _apply(self, job: _Write) -> None:
+        try:
+            self._attempt(job)
+        finally:
+            self._retrying = False
+
+    def _attempt(self, job: _Write) -> None:
+        delay = 0.05
+        while True:
             try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    job.apply(self._writer)
+                    self._writer.execute("COMMIT")
+                except BaseException:
+                    if self._writer.in_transaction:
+                        self._writer.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:  # locked, busy, disk full, I/O error: may pass
+                if self._stalled_since is None:
+                    self._stalled_since = time.monotonic()
+                    log.error("history %s: cannot write (%s); retrying each write for up to %g s, the "
+                              "orchestrator goes on meanwhile", self.path, exc, self.retry_for_s)
+                if not self._retrying:
+                    self._retrying = True
+                    with self._progress:
+                        self._progress.notify_all()  # readers stop waiting for a write that is stuck
+                age = time.monotonic() - job.queued_at
+                if age >= self.retry_for_s or self._closing.is_set():
+                    self._drop(job, f"after {age:.0f} s: {exc}")
+                    return
+                self._closing.wait(min(delay, self.retry_for_s - age))
+                delay = min(delay * 2, MAX_BACKOFF_S)
+            except sqlite3.Error as exc:  # corrupt or a bug: retrying would not help
+                self._drop(job, str(exc))
+                return
+            else:
+                if self._stalled_since is not None:
+                    log.warning("history %s: writes work again after %.0f s", self.path,
+                                time.monotonic() - self._stalled_since)
+                    self._stalled_since = None
+                return
 
-    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+    def _drop(self, job: _Write, why: str) -> None:
+        message = f"history {self.path}: dropped a write ({job.what}) {why}"
+        self.write_failures += 1
+        self.last_write_error = message
+        log.error(message)
+        callback = self.on_write_error
+        if callback is not None:
+            try:
+                callback(message)
+            except Exception:  # a failing listener must not stop the writer
+                log.exception("on_write_error callback failed")
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every write queued so far is applied (or dropped); False if ``timeout`` ran out."""
+        with self._progress:
+            target = self._submitted
+            return self._progress.wait_for(lambda: self._applied >= target, timeout)
+
+    def close(self, timeout: float = CLOSE_FLUSH_S) -> None:
+        """Apply what is queued (for at most ``timeout`` seconds; the rest is dropped), then close."""
+        if self._closed:
+            return
+        if not self.flush(timeout):
+            log.error("history %s: closing with writes still failing; the rest are dropped", self.path)
+        self._closed = True
+        self._closing.set()
+        self._jobs.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=2 * WRITE_BUSY_S + 1)
+        with self._read_lock:
+            self._reader.close()
+
+    # Reads: synchronous, after the writes queued before them -------------------------------------
+    def _await_writes(self) -> None:
+        if threading.current_thread() is self._thread or self._retrying:
+            return
+        with self._progress:
+            target = self._submitted
+            self._progress.wait_for(lambda: self._applied >= target or self._retrying, READ_WAIT_S)
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]] | None:
+        """The rows, or None when the database cannot be read now (logged once per streak)."""
+        self._await_writes()
+        try:
+            with self._read_lock:
+                rows = self._reader.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as exc:
+            if not self._read_failing:
+                log.error("history %s: cannot read (%s); going on without history", self.path, exc)
+            self._read_failing = True
+            return None
+        self._read_failing = False
+        return rows
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self._query(sql, args) or []
 
     # Load history -----------------------------------------------------------------------------
     def record_load(self, model_id: str, durations: dict[str, float], total_s: float, outcome: str,
                     bytes_total: int | None = None) -> None:
         now = time.time()
-        with self._tx() as db:
+        durations = dict(durations)
+
+        def write(db: sqlite3.Connection) -> None:
             db.execute("INSERT INTO loads VALUES (?, ?, ?, ?, ?, ?)",
                        (model_id, now, total_s, outcome, bytes_total, durations.get("loading_weights")))
             if outcome in ("success", "unloaded"):  # an unload's row carries its measured stop time
                 db.executemany("INSERT INTO phase_durations VALUES (?, ?, ?, ?)",
                                [(model_id, phase, s, now) for phase, s in durations.items()])
+        self._submit(f"load of {model_id}: {outcome}", write)
 
     def record_milestones(self, model_id: str, timings: dict[str, tuple[float, float]]) -> None:
         """Each milestone's (seconds after the engine started, seconds before it was ready) in one load."""
         now = time.time()
-        with self._tx() as db:
-            db.executemany("INSERT INTO load_milestones VALUES (?, ?, ?, ?, ?)",
-                           [(model_id, key, into, left, now) for key, (into, left) in timings.items()])
+        rows = [(model_id, key, into, left, now) for key, (into, left) in timings.items()]
+        self._submit(f"load milestones of {model_id}",
+                     lambda db: db.executemany("INSERT INTO load_milestones VALUES (?, ?, ?, ?, ?)", rows))
 
     def learned_milestones(self, model_id: str, window: int = 5) -> dict[str, tuple[float, float]]:
         """For each log milestone of this model: the medians of its timings over its last loads."""
-        rows = self._query("SELECT key, seconds_in, seconds_left FROM load_milestones WHERE model_id = ? "
-                           "ORDER BY at", (model_id,))
+        rows = self._rows("SELECT key, seconds_in, seconds_left FROM load_milestones WHERE model_id = ? "
+                          "ORDER BY at", (model_id,))
         past: dict[str, list[tuple[float, float]]] = {}
         for key, into, left in rows:
             past.setdefault(key, []).append((into, left))
@@ -105,8 +250,8 @@ class History:
                       statistics.median(left for _, left in values[-window:])) for key, values in past.items()}
 
     def phase_history(self, model_id: str) -> dict[str, list[float]]:
-        rows = self._query("SELECT phase, seconds FROM phase_durations WHERE model_id = ? ORDER BY at",
-                           (model_id,))
+        rows = self._rows("SELECT phase, seconds FROM phase_durations WHERE model_id = ? ORDER BY at",
+                          (model_id,))
         out: dict[str, list[float]] = {}
         for phase, seconds in rows:
             out.setdefault(phase, []).append(seconds)
@@ -114,66 +259,146 @@ class History:
 
     def throughput_gbps(self) -> float | None:
         """Measured weight-loading throughput over all successful loads (GB per second)."""
-        rows = self._query("SELECT SUM(bytes_total), SUM(weights_s) FROM loads "
-                           "WHERE outcome = 'success' AND bytes_total > 0 AND weights_s > 0")
+        rows = self._rows("SELECT SUM(bytes_total), SUM(weights_s) FROM loads "
+                          "WHERE outcome = 'success' AND bytes_total > 0 AND weights_s > 0")
+        if not rows:
+            return None
         total_bytes, seconds = rows[0]
         return (total_bytes / 1e9) / seconds if total_bytes and seconds else None
 
     def loads(self, limit: int = 200) -> list[dict[str, Any]]:
-        rows = self._query("SELECT model_id, at, total_s, outcome FROM loads ORDER BY at DESC LIMIT ?",
-                           (limit,))
+        rows = self._rows("SELECT model_id, at, total_s, outcome FROM loads ORDER BY at DESC LIMIT ?",
+                          (limit,))
         return [{"model_id": m, "at": at, "total_s": t, "outcome": o} for m, at, t, o in rows]
 
     def last_load(self) -> dict[str, dict[str, Any]]:
         """The newest load of each model."""
-        rows = self._query("SELECT model_id, MAX(at), total_s, outcome FROM loads GROUP BY model_id")
+        rows = self._rows("SELECT model_id, MAX(at), total_s, outcome FROM loads GROUP BY model_id")
         return {m: {"at": at, "total_s": t, "outcome": o} for m, at, t, o in rows}
 
     # Measured memory --------------------------------------------------------------------------
     def record_memory(self, model_id: str, gpu_gb: float, source: str) -> None:
-        with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO measured_memory VALUES (?, ?, ?, ?)",
-                       (model_id, gpu_gb, source, time.time()))
+        row = (model_id, gpu_gb, source, time.time())
+        self._submit(f"measured memory of {model_id}",
+                     lambda db: db.execute("INSERT OR REPLACE INTO measured_memory VALUES (?, ?, ?, ?)", row))
 
     def measured_memory(self) -> dict[str, float]:
-        return {m: gb for m, gb in self._query("SELECT model_id, gpu_gb FROM measured_memory")}
+        return {m: gb for m, gb in self._rows("SELECT model_id, gpu_gb FROM measured_memory")}
 
     # Audit log --------------------------------------------------------------------------------
     def audit(self, actor: str, action: str, target: str | None, outcome: str,
               detail: dict[str, Any] | None = None) -> None:
-        with self._tx() as db:
-            db.execute("INSERT INTO audit (at, actor, action, target, outcome, detail) "
-                       "VALUES (?, ?, ?, ?, ?, ?)",
-                       (time.time(), actor, action, target, outcome, json.dumps(detail or {})))
+        # Serialised now: the caller may change ``detail`` later; anything odd in it becomes text.
+        row = (time.time(), actor, action, target, outcome, json.dumps(detail or {}, default=str))
+        self._submit(f"audit {action} {target or ''} by {actor}: {outcome}",
+                     lambda db: db.execute("INSERT INTO audit (at, actor, action, target, outcome, detail) "
+                                           "VALUES (?, ?, ?, ?, ?, ?)", row))
 
     def audit_log(self, limit: int = 200) -> list[dict[str, Any]]:
-        rows = self._query("SELECT at, actor, action, target, outcome, detail FROM audit "
-                           "ORDER BY id DESC LIMIT ?", (limit,))
+        rows = self._rows("SELECT at, actor, action, target, outcome, detail FROM audit "
+                          "ORDER BY id DESC LIMIT ?", (limit,))
         return [{"at": at, "actor": actor, "action": action, "target": target, "outcome": outcome,
                  "detail": json.loads(detail or "{}")} for at, actor, action, target, outcome, detail in rows]
 
     # Engines we started (adoption after a restart) ---------------------------------------------
     def save_engine(self, record: EngineRecord) -> None:
-        with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO engines VALUES (?, ?, ?, ?, ?, ?)",
-                       (record.model_id, record.runtime, record.ref, record.port, record.declared_gb,
-                        record.started_at))
+        row = (record.model_id, record.runtime, record.ref, record.port, record.declared_gb, record.started_at)
+        self._submit(f"engine record of {record.model_id}",
+                     lambda db: db.execute("INSERT OR REPLACE INTO engines VALUES (?, ?, ?, ?, ?, ?)", row))
 
     def forget_engine(self, model_id: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM engines WHERE model_id = ?", (model_id,))
+        self._submit(f"forget engine of {model_id}",
+                     lambda db: db.execute("DELETE FROM engines WHERE model_id = ?", (model_id,)))
 
     def engines(self) -> list[EngineRecord]:
-        return [EngineRecord(*row) for row in self._query("SELECT * FROM engines")]
+        return [EngineRecord(*row) for row in self._rows("SELECT * FROM engines")]
 
     # Small settings (last-used model per user, an unfinished switch) ---------------------------
     def set(self, key: str, value: str | None) -> None:
-        with self._tx() as db:
-            if value is None:
-                db.execute("DELETE FROM settings WHERE key = ?", (key,))
-            else:
-                db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+        if value is None:
+            self._submit(f"setting {key}", lambda db: db.execute("DELETE FROM settings WHERE key = ?", (key,)))
+        else:
+            self._submit(f"setting {key}",
+                         lambda db: db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value)))
 
     def get(self, key: str) -> str | None:
-        rows = self._query("SELECT value FROM settings WHERE key = ?", (key,))
+        rows = self._rows("SELECT value FROM settings WHERE key = ?", (key,))
         return rows[0][0] if rows else None
+
+    def set_json(self, key: str, value: Any) -> None:
+        """Store ``value`` as JSON; None removes the key."""
+        self.set(key, None if value is None else json.dumps(value, default=str))
+
+    def get_json(self, key: str, default: Any = None) -> Any:
+        """The JSON value stored under ``key``, or ``default`` when absent or unreadable."""
+        raw = self.get(key)
+        if raw is None:
+            return default
+        try:
+            return json.loads(raw)
+        except ValueError:
+            log.warning("history %s: setting %r is not valid JSON; ignored", self.path, key)
+            return default
+
+
+def open_checked(path: Path) -> sqlite3.Connection:
+    """Open (or create) the history database; ``DataDirError`` saying what to do when it can't be used."""
+    folder = path.parent
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataDirError(f"Cannot create {folder} for the history database: {exc.strerror or exc}. "
+                           "Pass --data-dir DIR for a directory this user can write.", path=str(path)) from exc
+    # SQLite keeps its WAL and shared-memory files beside the database: the folder must be writable too.
+    if not os.access(folder, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise DataDirError(f"{folder} is read-only, so the history database {path} cannot be written there. "
+                           f"Make it writable (chmod u+w {folder}) or pass --data-dir DIR for another one.",
+                           path=str(path))
+    if path.exists():
+        try:
+            os.close(os.open(path, os.O_RDWR))
+        except OSError as exc:
+            raise DataDirError(f"The history database {path} is read-only ({exc.strerror}). Make it writable "
+                               f"(chmod u+w {path}) or pass --data-dir DIR for another data dir.",
+                               path=str(path)) from exc
+    else:
+        create_private(path)  # SQLite gives its WAL files the database's mode: 0600 too
+    # Start-up may wait a little for a busy database; the writer's own attempts are short.
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=READ_BUSY_S)
+    try:
+        check_integrity(db, path)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
+        db.execute(f"PRAGMA busy_timeout = {int(WRITE_BUSY_S * 1000)}")
+    except sqlite3.OperationalError as exc:
+        db.close()
+        if "readonly" in str(exc):
+            raise DataDirError(f"The history database {path} is read-only ({exc}). Make it and {folder} "
+                               "writable or pass --data-dir DIR for another data dir.", path=str(path)) from exc
+        raise DataDirError(f"Cannot open the history database {path}: {exc}. If another program holds it, "
+                           "stop that program; or pass --data-dir DIR for another data dir.",
+                           path=str(path)) from exc
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def check_integrity(db: sqlite3.Connection, path: Path) -> None:
+    move_aside = (f"Move it aside (mv {path} {path}.broken; history, the audit log and engine records will "
+                  "start fresh), or pass --data-dir DIR for another data dir.")
+    try:
+        rows = db.execute("PRAGMA integrity_check").fetchall()
+    except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorname", "") == "SQLITE_NOTADB" or "not a database" in str(exc):
+            raise DataDirError(f"{path} is not an SQLite database. {move_aside}", path=str(path)) from exc
+        if isinstance(exc, sqlite3.OperationalError) and "malformed" not in str(exc):
+            raise  # locked or unreadable: reported by the caller
+        raise DataDirError(f"The history database {path} is corrupt ({exc}). {move_aside}",
+                           path=str(path)) from exc
+    problems = [line for row in rows for line in str(row[0]).splitlines()
+                if line.strip() and line != "ok" and not line.startswith("***")]
+    if problems:
+        shown = "; ".join(problems[:2]) + (f"; and {len(problems) - 2} more" if len(problems) > 2 else "")
+        raise DataDirError(f"The history database {path} is corrupt (integrity check: {shown}). {move_aside}",
+                           path=str(path))
