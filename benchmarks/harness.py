@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from dashboard.client import SmartswitchClient
-from dashboard.engines.process import pid_cmdline, stat_fields
+from dashboard.engines.process import pid_alive, pid_cmdline
 from dashboard.events import CompleteEvent, ProgressEvent, SwitchEvent
 
 API_KEY = "bench-key"
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def now() -> float:
@@ -41,8 +41,10 @@ def free_port() -> int:
 
 
 def start_time(pid: int) -> float | None:
-    fields = stat_fields(pid)
-    return int(fields[19]) / TICK if fields else None  # field 22 of stat, counted after the name
+    try:  # psutil adds the boot time to the start ticks; take it off again to stay on now()'s clock
+        return psutil.Process(pid).create_time() - psutil.boot_time()
+    except psutil.Error:
+        return None
 
 
 def rss_mb(pid: int, field_name: str = "VmRSS") -> float:
@@ -171,7 +173,7 @@ def timed_switch(server: ServerProcess, engine: str, target: str) -> SwitchSampl
     def watch(http: httpx.Client) -> None:
         port = None
         while not stop.is_set():
-            if victim_pids and sample.victim_gone is None and not any(stat_fields(p) for p in victim_pids):
+            if victim_pids and sample.victim_gone is None and not any(pid_alive(p) for p in victim_pids):
                 sample.victim_gone = now()
             if port is None:
                 endpoint = http.get(f"{server.url}/v1/models/status").json()["models"][target].get("endpoint")

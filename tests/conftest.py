@@ -6,23 +6,37 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dashboard.config import parse_config
-from dashboard.engines.process import pid_alive, pid_cmdline
+from dashboard.engines.process import INSTANCE_ENV
 from dashboard.orchestrator.core import OrchestratorPort
 
 SIM_MARK = "dashboard.engines.sim"
+# This session's temp root: only engines whose instance marker lies under it are ours to count, so a
+# developer's `smartswitch serve` (or another test run) beside the tests is left out of the leak checks.
+SESSION_ROOT: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.getbasetemp().resolve()
+    SESSION_ROOT[:] = [root]
+    return root
 
 
 def sim_processes() -> list[str]:
-    """Command lines of every sim engine still running on this machine."""
+    """Command lines of this test session's sim engine processes still running (workers included)."""
+    if not SESSION_ROOT:
+        return []
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            cmd = pid_cmdline(int(entry.name))
-            if SIM_MARK in cmd and "pytest" not in cmd and pid_alive(int(entry.name)):
-                found.append(cmd)
+    for proc in psutil.process_iter(["cmdline", "environ", "status"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        marker = (proc.info["environ"] or {}).get(INSTANCE_ENV)
+        if SIM_MARK in cmd and "pytest" not in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE \
+                and marker and Path(marker).is_relative_to(SESSION_ROOT[0]):
+            found.append(cmd)
     return found
 
 

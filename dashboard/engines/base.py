@@ -1,8 +1,9 @@
-"""One model's engine, whatever runs it: output -> signals, readiness, exit and stall detection."""
+"""One model's engine, whatever runs it: output -> signals, readiness, exit and stall detection, sleep/wake."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -13,9 +14,12 @@ import httpx
 from dashboard.config import ModelSpec
 from dashboard.engines import signals as sig
 from dashboard.engines.vllm_logs import meaningful_tail, milestone_key, parse_line, split_lines
+from dashboard.errors import EngineFailed
 
 READY_POLL_S = 0.1  # readiness must be seen within 0.2 s of the server coming up
 UNHEALTHY_AFTER = 3  # consecutive failed health checks before a serving engine counts as dead
+OUTPUT_CATCH_UP_S = 0.25  # after an exit, how long the output pump may take to read the last lines
+SLEEP_TIMEOUT_S = 120.0  # moving weights to host RAM and back takes seconds to minutes on big models
 
 
 class Engine(ABC):
@@ -48,7 +52,7 @@ class Engine(ABC):
     @property
     @abstractmethod
     def ref(self) -> str:
-        """A durable reference (pid, container id) saved for adoption after a restart."""
+        """A durable reference (``pid@create_time``, container id) saved for adoption after a restart."""
 
     @abstractmethod
     async def _spawn(self) -> None: ...
@@ -65,14 +69,24 @@ class Engine(ABC):
         return
 
     @abstractmethod
-    async def _terminate(self, timeout: float) -> None: ...
+    async def _terminate(self, timeout: float) -> None:
+        """TERM, then KILL after ``timeout``; only what is confirmed to be this engine."""
+
+    @abstractmethod
+    async def _kill(self) -> None:
+        """KILL at once; only what is confirmed to be this engine."""
+
+    async def _kill_rest(self) -> None:
+        """After the main process exited on its own: end what is left of the engine at once."""
+        return
 
     @abstractmethod
     def pids(self) -> tuple[int, ...]:
         """Host pids of the engine's processes (for NVML attribution)."""
 
     @abstractmethod
-    def alive(self) -> bool: ...
+    def alive(self) -> bool:
+        """The engine's main process runs and is confirmed to be this engine (not a reused pid)."""
 
     # Lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -99,6 +113,11 @@ class Engine(ABC):
         await self.detach()
         await self._terminate(timeout)
 
+    async def kill(self) -> None:
+        """End a dead, hung or abandoned engine at once: no grace period, nothing in it is worth saving."""
+        await self.detach()
+        await self._kill()
+
     def error_text(self) -> str:
         """The engine's own last meaningful lines, to tell the user why it failed."""
         return "\n".join(meaningful_tail(self.tail))
@@ -110,6 +129,42 @@ class Engine(ABC):
                 return response.status_code == 200
         except httpx.HTTPError:
             return False
+
+    # vLLM's sleep protocol (needs --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1) ---------------
+    async def sleep(self, level: int = 1) -> None:
+        """Level 1 moves the weights to host RAM and drops the KV cache; the caller drains requests first."""
+        try:
+            async with httpx.AsyncClient(timeout=SLEEP_TIMEOUT_S) as client:
+                (await client.post(f"{self.base_url}/sleep", params={"level": level})).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise EngineFailed(f"{self.spec.name} could not be put to sleep: {_reason(exc)}",
+                               model=self.model_id) from exc
+
+    async def wake(self) -> None:
+        """Wake, then prove readiness: /health stays 200 while asleep, so ask /is_sleeping and send one token."""
+        try:
+            async with httpx.AsyncClient(timeout=SLEEP_TIMEOUT_S) as client:
+                (await client.post(f"{self.base_url}/wake_up")).raise_for_status()
+                response = await client.get(f"{self.base_url}/is_sleeping")
+                response.raise_for_status()
+                if _sleeping_flag(response) is not False:
+                    raise EngineFailed(f"{self.spec.name} did not wake up: /is_sleeping answered "
+                                       f"{response.text[:200]!r}.", model=self.model_id)
+                probe = await client.post(f"{self.base_url}/v1/chat/completions", json={
+                    "model": self.model_id, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]})
+                probe.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise EngineFailed(f"{self.spec.name} did not come back from sleep: {_reason(exc)}",
+                               model=self.model_id) from exc
+
+    async def is_sleeping(self) -> bool | None:
+        """What the engine says about itself; None when it does not answer (or has no sleep mode)."""
+        try:
+            async with httpx.AsyncClient(timeout=5.0) as client:
+                response = await client.get(f"{self.base_url}/is_sleeping")
+        except httpx.HTTPError:
+            return None
+        return _sleeping_flag(response) if response.status_code == 200 else None
 
     # Watchers ---------------------------------------------------------------------------------
     def _watch(self, from_start: bool) -> None:
@@ -165,5 +220,25 @@ class Engine(ABC):
 
     async def _watch_exit(self) -> None:
         code = await self._wait_exit()
-        await asyncio.sleep(0.2)  # let the output pump read the last lines first
+        # The main process is gone, so the engine is dead: its workers would otherwise take 10+ s to
+        # notice and keep the GPU memory meanwhile. Exited means "all of it is gone".
+        await self._kill_rest()
+        with contextlib.suppress(TimeoutError):  # its last lines say why it died: read them, briefly
+            await asyncio.wait_for(self._output_caught_up(), OUTPUT_CATCH_UP_S)
         self.queue.put_nowait(sig.Exited(code, meaningful_tail(self.tail)))
+
+
+def _sleeping_flag(response: httpx.Response) -> bool | None:
+    """``{"is_sleeping": bool}`` from /is_sleeping; None for anything else."""
+    try:
+        flag = response.json().get("is_sleeping")
+    except (ValueError, AttributeError):
+        return None
+    return flag if isinstance(flag, bool) else None
+
+
+def _reason(exc: httpx.HTTPError) -> str:
+    """A short, readable reason: the engine's status and words, or the connection failure."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code} {exc.response.text[:200].strip()}".strip()
+    return str(exc) or type(exc).__name__

@@ -1,8 +1,13 @@
-"""Engines as Docker containers (docker SDK): labelled, port bound to 127.0.0.1, logs into the parser."""
+"""Engines as Docker containers (docker SDK): labelled, port bound to 127.0.0.1, logs into the parser.
+
+Identity is by label: a container is only watched, stopped or killed when it carries this
+orchestrator's instance label and this model's label, whatever id the database remembered.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +19,7 @@ from docker.types import DeviceRequest
 
 from dashboard.config import ModelSpec
 from dashboard.engines.base import Engine
-from dashboard.engines.process import engine_args
+from dashboard.engines.process import engine_args, instance_marker
 
 LABEL_MODEL = "smartswitch.model"
 LABEL_INSTANCE = "smartswitch.instance"
@@ -22,6 +27,10 @@ LABEL_INSTANCE = "smartswitch.instance"
 
 class DockerUnavailable(RuntimeError):
     """The Docker daemon cannot be reached or the image is missing: said so plainly."""
+
+
+class NotOurContainer(DockerUnavailable):
+    """The remembered container id now names a container without this engine's labels."""
 
 
 def docker_client() -> docker.DockerClient:
@@ -42,20 +51,30 @@ class DockerEngine(Engine):
     def __init__(self, spec: ModelSpec, port: int, *, instance: str, container_id: str | None = None,
                  gpu_total_gb: float | None = None, **kwargs: float) -> None:
         super().__init__(spec, port, **kwargs)
-        self.instance = instance
+        self.instance = instance_marker(instance)
         self.container_id = container_id
         self.gpu_total_gb = gpu_total_gb
         self._container: Any = None
+        self._exit_seen = False
+        self._logs_ended = asyncio.Event()  # Docker ends the log stream once the container's output is all sent
 
     @property
     def ref(self) -> str:
         return self.container_id or ""
 
+    def labels(self) -> dict[str, str]:
+        return {LABEL_MODEL: self.spec.id, LABEL_INSTANCE: self.instance}
+
     def container(self) -> Any:
+        """This engine's container; raises NotFound when gone, NotOurContainer when the labels differ."""
         if self._container is None:
-            if self.container_id is None:
+            if not self.container_id:
                 raise DockerUnavailable("no container")
-            self._container = docker_client().containers.get(self.container_id)
+            container = docker_client().containers.get(self.container_id)
+            labels = container.labels or {}
+            if not self.instance or any(labels.get(k) != v for k, v in self.labels().items()):
+                raise NotOurContainer(f"container {self.container_id[:12]} is not {self.spec.id} of this instance")
+            self._container = container
         return self._container
 
     async def _spawn(self) -> None:
@@ -68,7 +87,7 @@ class DockerEngine(Engine):
         args = engine_args(spec, self.port, host="0.0.0.0", gpu_total_gb=self.gpu_total_gb)
         options: dict[str, Any] = {
             "command": args, "detach": True, "name": f"smartswitch-{spec.id}-{self.port}",
-            "labels": {LABEL_MODEL: spec.id, LABEL_INSTANCE: self.instance},
+            "labels": self.labels(),
             "ports": {f"{self.port}/tcp": ("127.0.0.1", self.port)},
             "environment": {**dict(spec.env), "PYTHONUNBUFFERED": "1"},
         }
@@ -106,8 +125,13 @@ class DockerEngine(Engine):
         threading.Thread(target=follow, name=f"{self.spec.id}-logs", daemon=True).start()
         while (chunk := await inbox.get()) is not None:
             yield chunk
+        self._logs_ended.set()
         while True:  # no more output: stay quiet, as a process whose log ended would
             await asyncio.sleep(3600)
+
+    async def _output_caught_up(self) -> None:
+        if self._exit_seen:  # while it runs the stream never ends: nothing to wait for
+            await self._logs_ended.wait()
 
     def _state(self) -> dict[str, Any]:
         try:
@@ -118,16 +142,36 @@ class DockerEngine(Engine):
             return {"Status": "removed", "ExitCode": None}
 
     def alive(self) -> bool:
-        state = self._state()
-        return state.get("Status") == "running" and \
-            self.container().labels.get(LABEL_INSTANCE) == self.instance
+        return self._state().get("Status") == "running"  # _state() only looks at a container with our labels
 
     async def _wait_exit(self) -> int | None:
-        while True:
-            state = await asyncio.to_thread(self._state)
-            if state.get("Status") not in ("running", "created", "restarting"):
-                return state.get("ExitCode")
-            await asyncio.sleep(0.2)
+        """Docker's own wait (no polling), on a daemon thread: a container still running never holds up exit."""
+        try:
+            container_id = self.container().id
+        except (NotFound, DockerUnavailable):
+            return None
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[int | None] = loop.create_future()
+
+        def settle(code: int | None) -> None:
+            if not ended.done():
+                ended.set_result(code)
+
+        def wait() -> None:
+            code: int | None = None
+            try:
+                # timeout=None: the request waits as long as the container runs (the client's 30 s would not).
+                code = docker_client().api.wait(container_id, timeout=None).get("StatusCode")
+            except Exception:  # removed meanwhile or daemon gone: over, with no code to tell
+                code = None
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
+                    loop.call_soon_threadsafe(settle, code)
+
+        threading.Thread(target=wait, name=f"{self.spec.id}-wait", daemon=True).start()
+        code = await ended
+        self._exit_seen = True
+        return code
 
     def pids(self) -> tuple[int, ...]:
         try:
@@ -147,15 +191,26 @@ class DockerEngine(Engine):
                 pass
         await asyncio.to_thread(stop)
 
+    async def _kill(self) -> None:
+        def kill() -> None:
+            with contextlib.suppress(NotFound, DockerUnavailable):
+                self.container().remove(force=True)  # force: SIGKILL, then remove
+        await asyncio.to_thread(kill)
+
+    # _kill_rest: nothing to do, a container ends with its main process.
+
 
 def sweep(instance: str, keep: set[str]) -> list[str]:
     """Remove this instance's labelled containers that nobody adopted; returns their model ids."""
+    marker = instance_marker(instance)
+    if not marker:
+        return []
     try:
         client = docker_client()
     except DockerUnavailable:
         return []
     removed = []
-    for container in client.containers.list(all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"}):
+    for container in client.containers.list(all=True, filters={"label": f"{LABEL_INSTANCE}={marker}"}):
         if container.id not in keep:
             container.remove(force=True)
             removed.append(container.labels.get(LABEL_MODEL, "?"))

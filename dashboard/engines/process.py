@@ -1,21 +1,44 @@
-"""Engines as local processes: own process group, output to a log file we tail, TERM then KILL."""
+"""Engines as local processes: own process group, output to a log file we tail, TERM then KILL.
+
+Identity before any signal. Every engine carries a marker in its environment (this orchestrator's
+data dir and the model id), and its ``ref`` is ``pid@create_time``. A process is only ever
+signalled, adopted or counted as alive once both match: a pid from the database alone may by
+now belong to anything else on the machine.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import codecs
+import contextlib
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
+
+import psutil
 
 from dashboard.config import ModelSpec
 from dashboard.engines.base import Engine
 
+log = logging.getLogger("smartswitch.engines")
+
 VLLM_PYTHON_ENV = "SMARTSWITCH_VLLM_PYTHON"
+INSTANCE_ENV = "SMARTSWITCH_INSTANCE"  # the orchestrator's data dir: whose engine this is
+MODEL_ENV = "SMARTSWITCH_MODEL_ID"  # which model it serves
+# Create times come from boot time + start ticks; boot time as the kernel reports it moves when the
+# wall clock is stepped, so a restart may see the same process a little earlier or later.
+CREATE_TIME_TOLERANCE_S = 1.0
+KILL_WAIT_S = 5.0  # after SIGKILL the kernel frees a process in milliseconds; this only bounds a stuck one
+KILL_REST_WAIT_S = 1.0  # after the main process died: how long to wait for its group to be gone
+SWEEP_GRACE_S = 5.0  # an untracked engine gets this long after TERM before KILL
+GROUP_POLL_S = 0.02
 
 
 def free_port() -> int:
@@ -54,89 +77,201 @@ def engine_command(spec: ModelSpec, port: int, *, gpu_total_gb: float | None = N
     return [*program, *engine_args(spec, port, gpu_total_gb=gpu_total_gb)]
 
 
-def engine_env(spec: ModelSpec, extra: dict[str, str] | None = None) -> dict[str, str]:
+def engine_env(spec: ModelSpec, extra: dict[str, str] | None = None, *, instance: str = "") -> dict[str, str]:
     env = {**os.environ, **(extra or {}), **dict(spec.env), "PYTHONUNBUFFERED": "1"}
+    env.pop(INSTANCE_ENV, None)  # never pass on a marker this process inherited
+    env.pop(MODEL_ENV, None)
     if spec.engine == "vllm":
         env.setdefault("HF_HUB_OFFLINE", "1")
         if spec.sleep:
             env["VLLM_SERVER_DEV_MODE"] = "1"  # /sleep and /wake_up are dev routes
+    marker = instance_marker(instance)
+    if marker:  # last, so no configured env can forge or drop it; workers inherit it
+        env[INSTANCE_ENV] = marker
+        env[MODEL_ENV] = spec.id
     return env
 
 
-def stat_fields(pid: int) -> list[str] | None:
-    """``/proc/PID/stat`` after the command name: state, ppid, pgrp, ... (None once the pid is gone)."""
+# Processes, through psutil ----------------------------------------------------------------------
+def instance_marker(instance: str) -> str:
+    """The marker value for an orchestrator's data dir ("" = no marker: nothing is adopted or swept)."""
+    return str(Path(instance).resolve()) if instance else ""
+
+
+def make_ref(pid: int, create_time: float) -> str:
+    return f"{pid}@{create_time:.2f}"
+
+
+def parse_ref(ref: str | None) -> tuple[int, float] | None:
+    """``(pid, create_time)``, or None for a ref that cannot confirm anything (an old bare pid, "pending")."""
+    if not ref or "@" not in ref:
+        return None
+    pid, _, created = ref.partition("@")
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        return int(pid), float(created)
+    except ValueError:
+        return None
+
+
+def _process(pid: int) -> psutil.Process | None:
+    """The live (not zombie) process ``pid``, or None."""
+    try:
+        proc = psutil.Process(pid)
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _environ(proc: psutil.Process) -> dict[str, str] | None:
+    """The process's environment; None when it cannot be read (another user's, gone, a zombie)."""
+    try:
+        return proc.environ()
+    except (psutil.Error, OSError):
         return None
 
 
 def pid_alive(pid: int) -> bool:
-    fields = stat_fields(pid)
-    return fields is not None and fields[0] != "Z"
+    return _process(pid) is not None
 
 
 def group_pids(pgid: int) -> tuple[int, ...]:
-    """Live pids whose process group is ``pgid`` (the engine and all its workers)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = stat_fields(int(entry.name))
-            if fields is not None and int(fields[2]) == pgid and fields[0] != "Z":
-                pids.append(int(entry.name))
-    return tuple(pids)
+    """Live pids whose process group is ``pgid`` (no identity check: see ``ProcessEngine.pids``)."""
+    return tuple(proc.pid for proc in _group_members(pgid))
 
 
 def pid_cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except (psutil.Error, OSError):
         return ""
 
 
+def _group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for pid in psutil.pids():
+        if _pgid(pid) == pgid and (proc := _process(pid)) is not None:
+            members.append(proc)
+    return members
+
+
+def _signal_group(pgid: int, signum: signal.Signals) -> None:
+    # Gone already, or (PermissionError) a group we may not signal: either way nothing to end.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _own_group() -> set[int]:
+    """Never signal the group this orchestrator runs in, whatever a process claims."""
+    return {os.getpgrp(), os.getpid()}
+
+
+def sweep(instance: str, adopted: set[str]) -> list[str]:
+    """End this instance's engines that nobody adopted (no record, or a start cut short); their model ids.
+
+    Only processes whose environment carries exactly this instance's marker are considered; the
+    group of such a process is ended when its leader is that process (or is gone) and no adopted
+    ref names the group. TERM first, KILL after ``SWEEP_GRACE_S``.
+    """
+    marker = instance_marker(instance)
+    if not marker:
+        return []
+    kept = {parsed[0] for ref in adopted if (parsed := parse_ref(ref)) is not None}
+    groups: dict[int, str] = {}
+    for pid in psutil.pids():
+        proc = _process(pid)
+        env = _environ(proc) if proc is not None else None
+        if env is None or env.get(INSTANCE_ENV) != marker:
+            continue
+        pgid = _pgid(pid)
+        if pgid is None or pgid in kept or pgid in _own_group() or pgid in groups:
+            continue
+        leader = _process(pgid)
+        if leader is not None and leader.pid != pid and (_environ(leader) or {}).get(INSTANCE_ENV) != marker:
+            continue  # a marked process inside someone else's group: not an engine of ours
+        groups[pgid] = ((_environ(leader) if leader is not None else None) or env).get(MODEL_ENV, "?")
+    if not groups:
+        return []
+    for pgid, model_id in groups.items():
+        log.warning("sweep: ending untracked engine of %s (process group %d)", model_id, pgid)
+        _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + SWEEP_GRACE_S
+    while time.monotonic() < deadline and any(_group_members(pgid) for pgid in groups):
+        time.sleep(0.05)
+    for pgid in groups:
+        if _group_members(pgid):
+            _signal_group(pgid, signal.SIGKILL)
+    return list(groups.values())
+
+
 class ProcessEngine(Engine):
-    """A local engine process (``vllm serve`` or the sim) in its own session."""
+    """A local engine process (``vllm serve`` or the sim) in its own session and process group."""
 
     runtime = "process"
 
-    def __init__(self, spec: ModelSpec, port: int, log_dir: Path, *, command: list[str] | None = None,
-                 gpu_total_gb: float | None = None, pid: int | None = None, env: dict[str, str] | None = None,
-                 **kwargs: float) -> None:
+    def __init__(self, spec: ModelSpec, port: int, log_dir: Path, *, instance: str = "",
+                 ref: str | None = None, command: list[str] | None = None, gpu_total_gb: float | None = None,
+                 env: dict[str, str] | None = None, pid: int | None = None, **kwargs: float) -> None:
         super().__init__(spec, port, **kwargs)
+        if pid is not None:
+            warnings.warn("ProcessEngine(pid=...) is deprecated: pass ref='pid@create_time'",
+                          DeprecationWarning, stacklevel=2)
+            ref = ref or str(pid)  # a bare pid confirms nothing: never adopted, never signalled
+        self.instance = instance_marker(instance)
         self.env = env or {}
         self.command = command or engine_command(spec, port, gpu_total_gb=gpu_total_gb)
         self.log_path = log_dir / f"{spec.id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.pid = pid
+        self._ref = ref or ""
         self._read_pos = 0
 
     @property
     def ref(self) -> str:
-        return str(self.pid)
+        return self._ref
+
+    @property
+    def pid(self) -> int | None:
+        parsed = parse_ref(self._ref)
+        return parsed[0] if parsed is not None else None
 
     async def _spawn(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # A log file, not a pipe: the engine keeps running (and logging) if we restart.
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=engine_env(self.spec, self.env),
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(self.command, stdout=log_file, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL,
+                                         env=engine_env(self.spec, self.env, instance=self.instance),
                                          start_new_session=True)
-        self.pid = self.proc.pid
+        try:
+            created = psutil.Process(self.proc.pid).create_time()
+        except psutil.Error:  # gone already (exec failed at once): no later start can be confused with it
+            created = time.time()
+        self._ref = make_ref(self.proc.pid, created)
 
     async def _output(self, from_start: bool) -> AsyncIterator[str]:
-        with open(self.log_path, encoding="utf-8", errors="replace", newline="") as log:
+        # Bytes and an incremental decoder: ``_read_pos`` is then exactly what has been handed on.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        with open(self.log_path, "rb") as log_file:
             if not from_start:
-                log.seek(0, os.SEEK_END)
+                log_file.seek(0, os.SEEK_END)
+            self._read_pos = log_file.tell()
             while True:
-                chunk = log.read(65536)
-                self._read_pos = log.buffer.tell() if hasattr(log, "buffer") else 0
-                if chunk:
-                    yield chunk
+                data = log_file.read(65536)
+                self._read_pos = log_file.tell()
+                if data:
+                    if chunk := decoder.decode(data):
+                        yield chunk
                 else:
                     await asyncio.sleep(0.05)
 
     async def _output_caught_up(self) -> None:
-        deadline = time.monotonic() + 1.0
+        deadline = time.monotonic() + 1.0  # an engine that writes faster than we read must not hold us up
         while time.monotonic() < deadline:
             try:
                 if self._read_pos >= self.log_path.stat().st_size:
@@ -145,36 +280,120 @@ class ProcessEngine(Engine):
                 return
             await asyncio.sleep(0.02)
 
-    def alive(self) -> bool:
-        if self.pid is None:
+    # Identity ----------------------------------------------------------------------------------
+    def _is_mine(self, proc: psutil.Process) -> bool:
+        """Does ``proc`` carry this engine's marker (this instance, this model)?"""
+        if not self.instance:
             return False
+        env = _environ(proc)
+        if env is not None:
+            return env.get(INSTANCE_ENV) == self.instance and env.get(MODEL_ENV) == self.spec.id
+        try:  # unreadable environment: the model id in the command line is the next best sign
+            args = proc.cmdline()
+        except (psutil.Error, OSError):
+            return False
+        return self.spec.id in args
+
+    def _own_child(self) -> bool:
+        """Our child not yet reaped: its pid (and so its group id) cannot have been reused."""
+        return self.proc is not None and self.proc.returncode is None
+
+    def _leader(self) -> psutil.Process | None:
+        """The engine's main process, if it runs and is confirmed to be this engine."""
+        parsed = parse_ref(self._ref)
+        if parsed is None:
+            return None
+        pid, created = parsed
+        proc = _process(pid)
+        if proc is None:
+            return None
+        if self._own_child():
+            return proc
+        try:
+            same_start = abs(proc.create_time() - created) <= CREATE_TIME_TOLERANCE_S
+        except psutil.Error:
+            return None
+        return proc if same_start and self._is_mine(proc) else None
+
+    def _group(self) -> list[psutil.Process]:
+        """Live processes of the engine's group, if the group is confirmed to be this engine's, else []."""
+        pgid = self.pid if parse_ref(self._ref) is not None else None
+        if pgid is None or pgid in _own_group():
+            return []
+        members = _group_members(pgid)
+        if self._own_child() or self._leader() is not None or any(self._is_mine(p) for p in members):
+            return members
+        return []
+
+    def _reap(self) -> None:
+        if self.proc is not None:
+            self.proc.poll()  # so the main process does not linger as a zombie
+
+    # Engine -----------------------------------------------------------------------------------
+    def alive(self) -> bool:
         if self.proc is not None:
             return self.proc.poll() is None
-        # An adopted engine is not our child: check it still exists and is the same program.
-        return bool(group_pids(self.pid)) and self.spec.id in pid_cmdline(self.pid)
-
-    async def _wait_exit(self) -> int | None:
-        while self.alive():
-            await asyncio.sleep(0.1)
-        return self.proc.returncode if self.proc is not None else None
+        return self._leader() is not None
 
     def pids(self) -> tuple[int, ...]:
-        return group_pids(self.pid) if self.pid is not None else ()
+        return tuple(proc.pid for proc in self._group())
+
+    async def _wait_exit(self) -> int | None:
+        pid = self.pid
+        if pid is None or parse_ref(self._ref) is None:
+            return None
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return self.proc.poll() if self.proc is not None else None
+        try:
+            # Checked after opening, so the descriptor names this very process, not a later one with its pid.
+            if self.proc is not None:
+                if self.proc.poll() is not None:  # already reaped: the pid may belong to anyone now
+                    return self.proc.returncode
+            elif self._leader() is None:
+                return None
+            loop = asyncio.get_running_loop()
+            exited: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+            try:
+                await exited  # readable once the process has exited; cancelled by detach()
+            finally:
+                loop.remove_reader(fd)
+        finally:
+            os.close(fd)
+        return self.proc.poll() if self.proc is not None else None
+
+    async def _signal_and_wait(self, signum: signal.Signals, wait_s: float) -> bool:
+        """Signal the engine's group if it is confirmed ours; True once nothing of it is left."""
+        pgid = self.pid
+        if pgid is None or not self._group():
+            self._reap()
+            return True
+        _signal_group(pgid, signum)
+        deadline = time.monotonic() + wait_s
+        while True:
+            self._reap()
+            if not _group_members(pgid):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(GROUP_POLL_S)
 
     async def _terminate(self, timeout: float) -> None:
-        if self.pid is None:
+        if parse_ref(self._ref) is None:
+            if self._ref:
+                log.warning("%s: ref %r cannot be confirmed; not signalling anything", self.model_id, self._ref)
             return
-        for sig_, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.pid, sig_)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while group_pids(self.pid) and time.monotonic() < deadline:
-                if self.proc is not None:
-                    self.proc.poll()  # reap the leader so it does not linger as a zombie
-                await asyncio.sleep(0.05)
-            if not group_pids(self.pid):
-                break
-        if self.proc is not None:
-            self.proc.poll()
+        if not await self._signal_and_wait(signal.SIGTERM, timeout):
+            log.warning("%s: still running %g s after SIGTERM; sending SIGKILL", self.model_id, timeout)
+            await self._signal_and_wait(signal.SIGKILL, KILL_WAIT_S)
+
+    async def _kill(self) -> None:
+        await self._signal_and_wait(signal.SIGKILL, KILL_WAIT_S)
+
+    async def _kill_rest(self) -> None:
+        if self._group():
+            log.info("%s: main process exited; killing the rest of its process group", self.model_id)
+        await self._signal_and_wait(signal.SIGKILL, KILL_REST_WAIT_S)
+

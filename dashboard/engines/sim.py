@@ -3,7 +3,8 @@
 Stdlib only (it also runs inside a minimal container). It refuses connections while "loading",
 prints vLLM-format log lines with real timing, then serves /health, /v1/models, /v1/chat/completions
 (replies are marked simulated) and, with --sleep-mode, /sleep, /wake_up and /is_sleeping.
-Fault options make it exit, hang or run out of memory on purpose.
+Fault options make it exit, hang or run out of memory on purpose. ``--workers`` adds child processes
+in its process group that, like vLLM's EngineCore and workers, take their time to exit.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlparse
 
 GIB = 1024**3
@@ -273,6 +274,39 @@ def hold_after_exit(gb: float, seconds: float) -> None:
         entry.write(f"{gb}")
 
 
+def start_workers(count: int, term_delay_s: float) -> list[int]:
+    """Fork ``count`` workers into our process group (before any thread exists, so forking is safe)."""
+    pids = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            run_worker(term_delay_s)
+        pids.append(pid)
+    return pids
+
+
+def run_worker(term_delay_s: float) -> NoReturn:
+    """Idle like an engine core; on SIGTERM or when the server is gone, exit only ``term_delay_s`` later.
+
+    Silent: a line written between the server's tqdm redraws would break them.
+    """
+    parent = os.getppid()
+    exit_at: list[float] = []
+
+    def later(_signum: int, _frame: Any) -> None:
+        if not exit_at:
+            exit_at.append(time.monotonic() + term_delay_s)
+
+    signal.signal(signal.SIGTERM, later)
+    signal.signal(signal.SIGINT, later)
+    while True:
+        if os.getppid() != parent:  # the server died: notice, slowly, as vLLM's engine core does
+            later(0, None)
+        if exit_at and time.monotonic() >= exit_at[0]:
+            os._exit(0)
+        time.sleep(0.05)
+
+
 def make_shutdown(args: argparse.Namespace) -> Callable[[int, Any], None]:
     def shutdown(signum: int, _frame: Any) -> None:
         log("[shutdown] API server: shutdown triggered", where="launcher.py:254")
@@ -299,7 +333,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--die-after-seconds", type=float, help="crash this long after serving")
     parser.add_argument("--hold-memory-after-exit", type=float, metavar="SECONDS",
                         help="on stop, leave the GPU memory held this long by a leaked process (virtual GPU)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="fork N worker processes into the engine's process group")
+    parser.add_argument("--worker-term-delay", type=float, default=0.0, metavar="SECONDS",
+                        help="workers exit this long after SIGTERM or after the server died")
     args = parser.parse_args(argv)
+    start_workers(args.workers, args.worker_term_delay)
     shutdown = make_shutdown(args)
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)

@@ -160,7 +160,8 @@ class Supervision:
         was = state.status
         state.engine, state.supervisor = None, None
         self.history.forget_engine(state.id)
-        self.spawn(engine.detach(), f"detach-{state.id}")  # stop its watchers
+        # Its main process is gone: stop its watchers and remove what is left (a container, stray workers).
+        self.spawn(engine.kill(), f"remove-{state.id}")
         self.spawn(self.refresh_and_publish(), "gpu-refresh-after-exit")
         if was is S.LOADING:
             message = f"{state.spec.name} exited with code {code} while loading: {why}"

@@ -97,6 +97,7 @@ class Switching:
         if waking:  # seconds instead of a cold load: no load history is recorded for it
             self.stage(op, "loading_target", f"Waking {target.spec.name}")
             await self.wake_engine(target, "switch")
+            self.audit(op.actor, "wake", target.id, "success", {"switch_id": op.id})
             op.progress.finish(time.monotonic())
             self.tick(op)
             return CompleteEvent(op.id, "success", target.id, op.elapsed())

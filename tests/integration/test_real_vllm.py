@@ -11,10 +11,11 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 from httpx_sse import connect_sse
 
-from dashboard.engines.process import pid_cmdline
+from dashboard.engines.process import INSTANCE_ENV, MODEL_ENV, instance_marker
 from tests.conftest import API_KEY, Server, serve_catalog, wait_for
 
 VLLM_HOME = Path(os.environ.get("SMARTSWITCH_VLLM_HOME", Path.home() / ".cache/smartswitch/vllm"))
@@ -44,9 +45,11 @@ env = {{ VLLM_CPU_KVCACHE_SPACE = "1" }}
             + model.format(id="broken", name="Broken", path=broken))
 
 
-def vllm_processes() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir()
-            if p.name.isdigit() and "vllm.entrypoints.openai.api_server" in pid_cmdline(int(p.name))]
+def vllm_processes(server: Server) -> list[int]:
+    """vLLM processes started by this test's server (not a developer's own, running beside the tests)."""
+    marker = instance_marker(str(server.data_dir))
+    return [p.pid for p in psutil.process_iter(["environ", "cmdline"])
+            if (p.info["environ"] or {}).get(INSTANCE_ENV) == marker]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                  extra_env={"SMARTSWITCH_VLLM_PYTHON": str(VLLM_PYTHON)})
     yield srv
     srv.stop()
-    wait_for(lambda: not vllm_processes(), timeout=30, message="every vLLM process to exit with the server")
+    wait_for(lambda: not vllm_processes(srv), timeout=30, message="every vLLM process to exit with the server")
 
 
 def switch(server: Server, target: str) -> list[tuple[str, dict]]:
@@ -100,7 +103,7 @@ def test_switching_between_two_real_models_and_back(vllm_server: Server) -> None
     assert stages == ["checking_memory", "unloading_models", "loading_target"]
     models = status(vllm_server)["models"]
     assert (models["tiny-a"]["status"], models["tiny-b"]["status"]) == ("stopped", "running")
-    assert len(vllm_processes()) >= 1
+    assert len(vllm_processes(vllm_server)) >= 1
     events = switch(vllm_server, "tiny-a")
     assert events[-1][0] == "complete"
     models = status(vllm_server)["models"]
@@ -114,7 +117,54 @@ def test_broken_model_directory_fails_with_vllms_own_error_and_rolls_back(vllm_s
     kind, data = events[-1]
     assert kind == "error" and data["error"] == "engine_failed"
     assert "config.json" in data["message"]
-    assert data["rolled_back"] == ["tiny-a"]
+    assert data["restoring"] == ["tiny-a"]
     models = status(vllm_server)["models"]
     assert models["broken"]["status"] == "failed" and "config.json" in models["broken"]["error"]
-    assert models["tiny-a"]["status"] == "running"
+    wait_for(lambda: status(vllm_server)["models"]["tiny-a"]["status"] == "running", timeout=240,
+             message="the rollback to restore Tiny-A")
+
+
+def engine_leader(server: Server, model_id: str) -> psutil.Process | None:
+    """The main process of this server's engine for ``model_id`` (found by the marker it carries)."""
+    for proc in psutil.process_iter(["environ"]):
+        env = proc.info["environ"] or {}
+        if env.get(MODEL_ENV) == model_id and env.get(INSTANCE_ENV) == instance_marker(str(server.data_dir)) \
+                and proc.pid == os.getpgid(proc.pid):
+            return proc
+    return None
+
+
+def test_real_vllm_killed_mid_load_is_reported_within_seconds(vllm_server: Server) -> None:
+    import signal
+    import threading
+    import time
+
+    if status(vllm_server)["models"]["tiny-a"]["status"] != "running":
+        switch(vllm_server, "tiny-a")
+    events: list[tuple[str, float]] = []
+    thread = threading.Thread(target=lambda: events.extend((kind, time.monotonic()) for kind, _ in
+                                                          switch(vllm_server, "tiny-b")), daemon=True)
+    thread.start()
+    leader = wait_for(lambda: engine_leader(vllm_server, "tiny-b"), timeout=60, message="Tiny-B's engine")
+    log = vllm_server.data_dir / "logs" / "tiny-b.log"
+    wait_for(lambda: log.exists() and log.stat().st_size > 2000, timeout=60, message="Tiny-B to be loading")
+    group = os.getpgid(leader.pid)
+    killed = time.monotonic()
+    leader.send_signal(signal.SIGKILL)
+    wait_for(lambda: status(vllm_server)["models"]["tiny-b"]["status"] == "failed", timeout=1,
+             message="Tiny-B failed within 1 s of its exit")
+    thread.join(10)
+    assert events and events[-1][0] == "error" and events[-1][1] - killed < 5.0
+
+    def group_left() -> list[int]:
+        return [p.pid for p in psutil.process_iter() if _pgid(p.pid) == group]
+    wait_for(lambda: not group_left(), timeout=3, message="no process of the dead engine left")
+    wait_for(lambda: status(vllm_server)["switch"] is None, timeout=240, message="the rollback to end")
+    assert status(vllm_server)["models"]["tiny-a"]["status"] == "running"
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None

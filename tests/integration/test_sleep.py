@@ -85,7 +85,8 @@ def test_rollback_wakes_the_model_put_to_sleep_for_a_failed_load(make_port) -> N
     port = make_port()
     port.switch_and_wait("small", "test", timeout=60)
     final, _ = events_of(port, "crasher")
-    assert isinstance(final, ErrorEvent) and final.details["rolled_back"] == ["small"]
+    assert isinstance(final, ErrorEvent) and final.details["restoring"] == ["small"]
+    wait_for(lambda: port.status()["switch"] is None, timeout=30, message="the rollback to end")
     assert port.status()["models"]["small"]["status"] == "running"
     assert not is_sleeping(port, "small")
 
