@@ -156,3 +156,21 @@ def test_a_second_switch_stream_sees_the_rollback_as_its_own_operation(server: S
              message="Big-60B restored")
     audit = httpx.get(f"{server.url}/v1/audit", headers=server.headers, timeout=5).json()["entries"]
     assert any(e["action"] == "rollback" and e["outcome"] == "success" for e in audit)
+
+
+def test_sigterm_while_a_model_loads_stops_every_engine_without_a_traceback(tmp_path) -> None:
+    server = Server(tmp_path, serve_catalog(SLOW_CATALOG, switches_per_minute=100))
+    httpx.post(f"{server.url}/v1/models/switch", json={"target_model": "small", "stream": False},
+               headers=server.headers, timeout=60)
+    httpx.post(f"{server.url}/v1/models/switch", json={"target_model": "slow", "wait": False},
+               headers=server.headers, timeout=10)
+    wait_for(lambda: httpx.get(f"{server.url}/v1/models/status", headers=server.headers, timeout=5)
+             .json()["models"]["slow"]["status"] == "loading", message="Slow-70B to be loading")
+    wait_for(lambda: any("--model-id slow " in c + " " for c in sim_processes()), message="its engine")
+    server.stop()  # SIGTERM, and waits for the exit
+    assert server.proc.returncode == 0
+    log = server.log_path.read_text()
+    assert "Traceback" not in log
+    on_the_way_out = log.split("slow: stopped -> loading", 1)[1]
+    assert "-> loading" not in on_the_way_out and "rollback" not in on_the_way_out  # nothing started
+    wait_for(lambda: not sim_processes(), timeout=5, message="no engine left behind, workers included")
