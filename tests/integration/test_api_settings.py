@@ -84,7 +84,7 @@ def test_server_killed_mid_switch_recovers_on_restart(tmp_path) -> None:
         medium = status["models"]["medium"]["status"]
         assert medium in ("running", "failed")
         audit = httpx.get(f"{second.url}/v1/audit", headers=second.headers, timeout=5).json()["entries"]
-        ended = [e for e in audit if e["action"] == "switch" and e["target"] == "medium"][0]
+        ended = next(e for e in audit if e["action"] == "switch" and e["target"] == "medium")
         if medium == "running":
             assert ended["outcome"] == "success" and ended["detail"]["resumed_after_restart"]
         else:

@@ -95,7 +95,7 @@ def test_cancel_mid_load_leaves_previous_state_intact(make_port) -> None:
 def test_crash_mid_load_rolls_back_to_previous_model(make_port) -> None:
     port = make_port()
     switch(port, "big")
-    final, events = switch(port, "crasher")
+    final, _ = switch(port, "crasher")
     assert isinstance(final, ErrorEvent) and final.error == "engine_failed"
     assert "simulated engine failure at weights" in final.message
     assert final.details["restoring"] == ["big"] and "Restoring Big-60B" in final.message

@@ -216,7 +216,7 @@ async def test_a_failed_wake_during_rollback_leaves_the_model_failed_not_stuck(h
 # Defect 6 ------------------------------------------------------------------------------------------
 async def test_a_locked_database_during_a_switch_neither_fails_it_nor_leaves_the_slot_stuck(h: Harness) -> None:
     await h.bring_up("qwen")
-    blocker = sqlite3.connect(h.history.path, timeout=0)
+    blocker = sqlite3.connect(h.history.path, timeout=10)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
         switch_id = await h.switch_ready("gpt20")
