@@ -23,8 +23,8 @@ import httpx
 import psutil
 
 from dashboard.client import SmartswitchClient
-from dashboard.engines.process import pid_alive, pid_cmdline
-from dashboard.events import CompleteEvent, ProgressEvent, SwitchEvent
+from dashboard.engines.process import INSTANCE_ENV, MODEL_ENV, group_pids, pid_alive, pid_cmdline
+from dashboard.events import CompleteEvent, ErrorEvent, ProgressEvent, SwitchEvent
 
 API_KEY = "bench-key"
 
@@ -85,13 +85,14 @@ class ServerProcess:
 
     def __init__(self, root: Path, catalog: str, env: dict[str, str] | None = None) -> None:
         root.mkdir(parents=True, exist_ok=True)
+        self.data_dir = root / "data"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         (root / "catalog.toml").write_text(catalog)
         self.log = open(root / "server.log", "wb")  # noqa: SIM115 - open as long as the server runs
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dashboard.cli", "serve", "--config", str(root / "catalog.toml"),
-             "--port", str(self.port), "--data-dir", str(root / "data")],
+             "--port", str(self.port), "--data-dir", str(self.data_dir)],
             stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "SMARTSWITCH_API_KEYS": API_KEY, **(env or {})})
         self.headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -200,6 +201,116 @@ def timed_switch(server: ServerProcess, engine: str, target: str) -> SwitchSampl
     prober.join(5)
     sample.outcome = final.status if isinstance(final, CompleteEvent) else type(final).__name__
     return sample
+
+
+@dataclass
+class FailureSample:
+    """An engine SIGKILLed while it loads: seconds from the kill to each sign of it (None: not seen in time)."""
+
+    to_error: float | None = None  # the switch stream's ``error`` event
+    to_failed: float | None = None  # ``GET /v1/models/status`` says the target failed
+    group_gone: float | None = None  # no live process of the engine's process group
+    error: str = ""  # the error event's code, or what the stream ended with instead
+    killed_after: float = 0.0  # seconds from the engine's spawn to the kill
+    active_after: str | None = None  # the model in use once the rollback ended
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"to_error": self.to_error, "to_failed": self.to_failed, "group_gone": self.group_gone,
+                "error": self.error, "killed_after": self.killed_after, "active_after": self.active_after}
+
+
+def engine_leader(data_dir: Path, model_id: str) -> psutil.Process | None:
+    """This server's engine for ``model_id``: the group leader carrying both of the orchestrator's markers."""
+    marker = str(data_dir.resolve())  # the orchestrator writes the resolved data dir
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) != proc.pid:
+                continue
+            env = proc.environ()
+        except (psutil.Error, OSError):  # gone, a zombie, or another user's
+            continue
+        if env.get(INSTANCE_ENV) == marker and env.get(MODEL_ENV) == model_id:
+            return proc
+    return None
+
+
+def timed_failure(server: ServerProcess, target: str, kill_after_s: float, timeout_s: float) -> FailureSample:
+    """Switch to ``target``, SIGKILL its engine once it is loading, and time how the orchestrator finds out.
+
+    The kill waits for the switch's ``loading_target`` stage, the target's ``loading`` status, some
+    output in the engine's log and ``kill_after_s`` since its spawn. Returns once the switch and its
+    rollback are over (``switch`` is null in the status).
+    """
+    sample = FailureSample()
+    killed: list[float] = []  # the kill's time, once it happened: read by the threads
+    stop = threading.Event()
+    events: list[tuple[float, SwitchEvent]] = []
+
+    def follow() -> None:
+        with SmartswitchClient(server.url, API_KEY, timeout=600) as client:
+            for event in client.switch_events(target):
+                events.append((time.monotonic(), event))
+
+    def poll_status(http: httpx.Client) -> None:
+        while not stop.is_set():
+            state = http.get(f"{server.url}/v1/models/status").json()["models"][target]["status"]
+            at = time.monotonic()
+            if killed and state == "failed":  # loading when the kill was decided: this is the kill's doing
+                sample.to_failed = at - killed[0]
+                return
+            time.sleep(0.005)
+
+    log = server.data_dir / "logs" / f"{target}.log"  # truncated at each spawn, so any bytes are this start's
+    stream = threading.Thread(target=follow, daemon=True)
+    stream.start()
+    deadline = time.monotonic() + timeout_s
+    leader: psutil.Process | None = None
+    while True:
+        if not stream.is_alive():
+            last = events[-1][1] if events else None
+            raise RuntimeError(f"the switch to {target} ended before its engine was killed: {last}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the switch to {target} never reached a loading engine to kill")
+        leader = leader or engine_leader(server.data_dir, target)
+        status = server.status()
+        if (leader is not None and status["switch"] is not None and status["switch"]["stage"] == "loading_target"
+                and status["models"][target]["status"] == "loading" and log.exists() and log.stat().st_size > 0
+                and time.time() - leader.create_time() >= kill_after_s):
+            break
+        time.sleep(0.02)
+    assert leader is not None  # the loop only breaks with one
+
+    http = httpx.Client(headers=server.headers, timeout=5)
+    http.get(f"{server.url}/v1/models/status")  # a warm connection, so the first poll is not a connect
+    poller = threading.Thread(target=poll_status, args=(http,), daemon=True)
+    poller.start()
+    sample.killed_after = time.time() - leader.create_time()
+    pgid = leader.pid
+    leader.kill()  # psutil checks the pid still names this process before it signals
+    killed.append(time.monotonic())
+    try:
+        while time.monotonic() < deadline and (sample.group_gone is None or stream.is_alive() or poller.is_alive()):
+            # Zombies are dead and hold nothing but their pid; they are not counted as left.
+            if sample.group_gone is None and not group_pids(pgid):
+                sample.group_gone = time.monotonic() - killed[0]
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        poller.join(5)
+        http.close()
+    for at, event in events:
+        if isinstance(event, ErrorEvent):
+            sample.to_error, sample.error = at - killed[0], event.error
+            break
+    else:
+        sample.error = type(events[-1][1]).__name__ if events else "no event"
+    while time.monotonic() < deadline + timeout_s:  # the rollback that restores the previous model
+        status = server.status()
+        if status["switch"] is None:
+            sample.active_after = status["active_model"]
+            return sample
+        time.sleep(0.1)
+    raise RuntimeError(f"the operation after the killed load of {target} did not end: {status['switch']}")
 
 
 class ProgressBar:

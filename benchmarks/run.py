@@ -3,6 +3,7 @@
     python -m benchmarks.run                # sim and real vLLM (CPU build), writes benchmarks/RESULTS.md
     python -m benchmarks.run --quick        # fewer rounds, for a quick look
     python -m benchmarks.run --skip-vllm    # without the vLLM venv
+    python -m benchmarks.run --only-failures  # only the killed-engine rounds, merged into results.json
 
 Every figure comes from a real ``smartswitch serve`` process driven through its HTTP API, with real
 engine processes and, for the dashboard, Chromium. The raw samples go to ``results.json``.
@@ -24,14 +25,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from benchmarks.harness import (
-    TICK,
     ProgressBar,
     ServerProcess,
     SwitchSample,
     hammer_status,
     reset_peak_rss,
     rss_mb,
+    timed_failure,
     timed_switch,
 )
 from benchmarks.report import (
@@ -50,12 +53,19 @@ from benchmarks.report import (
     verdict,
     vllm_version,
 )
-from dashboard.engines.process import pid_cmdline, stat_fields
+from dashboard.engines.process import pid_cmdline
+from dashboard.events import CompleteEvent
 
 HERE = Path(__file__).resolve().parent
 HISTORY_LOADS = 3  # loads of each model before its ETA is judged
 CLIENT_COUNTS = (1, 16, 64)
 SESSION_COUNTS = (1, 10, 20)
+FAILURE_ROUNDS = {"sim": 3, "vLLM CPU": 2}  # engines killed mid-load (1 each with --quick)
+# Into the load but not near its end: the sim's beta loads in 4 s; vLLM has printed its first lines.
+KILL_AFTER_S = {"sim": 1.0, "vLLM CPU": 4.0}
+FAILURE_TIMEOUT_S = {"sim": 90.0, "vLLM CPU": 300.0}  # past each catalog's stall timeout
+ERROR_TARGET_S = {"sim": 2.0, "vLLM CPU": 5.0}  # kill to the stream's error event
+FAILED_TARGET_S = 1.0  # kill to the status saying failed
 
 SIM_CATALOG = """
 [gpu]
@@ -110,8 +120,13 @@ class Bench:
         self.hammer_seconds = 2.0 if args.quick else 5.0
         self.engines = ["sim"] + ([] if args.skip_vllm else ["vLLM CPU"])
         self.switches = 1 + 2 * HISTORY_LOADS + self.measured
-        dashboard = 0 if args.skip_dashboard else len(SESSION_COUNTS) + 1
-        total = len(self.engines) * (self.switches + len(CLIENT_COUNTS)) + dashboard + 1
+        self.failure_rounds = {e: 1 if args.quick else FAILURE_ROUNDS[e] for e in self.engines}
+        kills = sum(self.failure_rounds.values())
+        if args.only_failures:
+            total = kills + len(self.engines) + 1  # a first load of alpha on each engine's own server
+        else:
+            dashboard = 0 if args.skip_dashboard else len(SESSION_COUNTS) + 1
+            total = len(self.engines) * (self.switches + len(CLIENT_COUNTS)) + kills + dashboard + 1
         self.bar = ProgressBar(total)
         self.results: dict[str, Any] = {"engines": {}}
         self.samples: dict[str, list[SwitchSample]] = {}
@@ -143,6 +158,7 @@ class Bench:
                 self.bar.step(f"{engine}: switch {i + 1}/{self.switches} to {target} in {sample.wall:.1f} s")
             last_rss = rss_mb(server.proc.pid)
             status = self.hammer(server, engine)
+            failure = self.failures(server, engine)
         finally:
             server.stop()
         self.samples[engine] = samples
@@ -157,6 +173,7 @@ class Bench:
             "rss_growth_per_switch": growth,
             "rss_mb": {"first": first_rss, "last": last_rss},
             "status": status,
+            "failure": failure,
         }
 
     def hammer(self, server: ServerProcess, engine: str) -> dict[str, dict[str, float]]:
@@ -186,6 +203,36 @@ class Bench:
             stop.set()
             switcher.join(600)
         return out
+
+    def failures(self, server: ServerProcess, engine: str) -> list[dict[str, Any]]:
+        """Alpha running, a switch to beta whose engine is SIGKILLed mid-load; the rollback brings alpha back."""
+        if server.status()["models"]["alpha"]["status"] != "running":
+            last = server.client.switch_and_wait("alpha")
+            if not (isinstance(last, CompleteEvent) and last.status in ("success", "already_loaded")):
+                raise RuntimeError(f"{engine}: the switch to alpha ended {last}")
+        out = []
+        rounds = self.failure_rounds[engine]
+        for i in range(rounds):
+            self.bar.show(f"{engine}: killing beta's engine mid-load {i + 1}/{rounds}")
+            sample = timed_failure(server, "beta", KILL_AFTER_S[engine], FAILURE_TIMEOUT_S[engine])
+            out.append(sample.as_dict())
+            self.bar.step(f"{engine}: killed mid-load: error after {fmt_s(sample.to_error)}")
+            alpha = server.status()["models"]["alpha"]["status"]
+            if alpha != "running":  # the next round starts from alpha running, as this one did
+                raise RuntimeError(f"{engine}: after the rollback alpha is {alpha}, not running")
+        return out
+
+    def run_failures_only(self, engine: str) -> None:
+        self.bar.show(f"{engine}: starting the server")
+        server = self.engine_server(engine)
+        try:
+            last = server.client.switch_and_wait("alpha")
+            if not (isinstance(last, CompleteEvent) and last.status == "success"):
+                raise RuntimeError(f"{engine}: the first switch to alpha ended {last}")
+            self.bar.step(f"{engine}: alpha running")
+            self.results["engines"][engine]["failure"] = self.failures(server, engine)
+        finally:
+            server.stop()
 
     # Dashboard --------------------------------------------------------------------------------
     def run_dashboard(self) -> None:
@@ -248,6 +295,14 @@ class Bench:
         return {"banner_shown": shown, "chat_unlocked": unlocked}
 
     # Output -----------------------------------------------------------------------------------
+    def write_failures_only(self, command: str, began: float) -> None:
+        """Only results.json and RESULTS.md: the plots need switch samples this run did not take."""
+        out = Path(self.args.out)
+        self.results["failure_run"] = {"command": command, "date": dt.date.today().isoformat(),
+                                       "duration_s": time.monotonic() - began}
+        (out / "results.json").write_text(json.dumps(self.results, indent=1))
+        (out / "RESULTS.md").write_text(render(self.results))
+
     def write(self, command: str, began: float) -> None:
         out = Path(self.args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -283,8 +338,11 @@ def other_model(server: ServerProcess) -> str:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = stat_fields(pid)
-    return (int(fields[11]) + int(fields[12])) / TICK if fields else 0.0
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return times.user + times.system
 
 
 def cpu_seconds_of(name: str) -> float:
@@ -329,6 +387,20 @@ def render(r: dict[str, Any]) -> str:
     def eta_ok(e: dict[str, Any]) -> bool:
         return all(abs(v) <= 0.15 for x in e["eta_errors"] for v in x.values())
 
+    def failure(e: dict[str, Any], key: str) -> str:
+        values = [x[key] for x in e.get("failure", [])]
+        if not values:
+            return "n/a"
+        if None in values:  # never seen within the round's timeout
+            return f"{fmt_s(median_or_none(values))} / not seen in {values.count(None)} of {len(values)}"
+        return f"{fmt_s(statistics.median(values))} / {fmt_s(max(values))}"
+
+    def failure_ok(key: str, target: Any) -> bool | None:
+        judged = [e for e in engines if r["engines"][e].get("failure")]
+        if not judged:
+            return None
+        return all(x[key] is not None and x[key] < target(e) for e in judged for x in r["engines"][e]["failure"])
+
     overhead_ok = all((med(r["engines"][e], "overhead") or 9) < 0.3 for e in engines)
     ready_ok = all((med(r["engines"][e], "readiness") or 9) < 0.2 for e in engines)
     growth_ok = all(max(r["engines"][e]["rss_growth_per_switch"]) <= 0.10 for e in engines)
@@ -351,15 +423,30 @@ def render(r: dict[str, Any]) -> str:
          *each(lambda e: f"{fmt_pct(max(e['rss_growth_per_switch']))} "
                          f"(of {e['rss_mb']['first']:.0f} MB)"), verdict(growth_ok)],
     ]
+    if any(r["engines"][e].get("failure") for e in engines):
+        rows += [
+            ["7. Engine killed mid-load → `error` event on the switch stream (median / worst)",
+             "< 2 s sim, < 5 s vLLM CPU", *each(lambda e: failure(e, "to_error")),
+             verdict(failure_ok("to_error", lambda e: ERROR_TARGET_S.get(e, max(ERROR_TARGET_S.values()))))],
+            ["→ `failed` in `GET /v1/models/status` (median / worst)", f"< {FAILED_TARGET_S:g} s",
+             *each(lambda e: failure(e, "to_failed")), verdict(failure_ok("to_failed", lambda e: FAILED_TARGET_S))],
+            ["→ no process of the engine's process group left (median / worst)", "(reported)",
+             *each(lambda e: failure(e, "group_gone")), ""],
+        ]
     status_rows = [[e, str(c), fmt_ms(r["engines"][e]["status"][str(c)]["p50"]),
                     fmt_ms(r["engines"][e]["status"][str(c)]["p99"]),
                     f"{r['engines'][e]['status'][str(c)]['rps']:.0f}"] for e in engines for c in CLIENT_COUNTS]
     switch_rows = [[e, fmt_s(med(r["engines"][e], "wall"), 2), fmt_s(med(r["engines"][e], "unload"), 2),
                     fmt_s(med(r["engines"][e], "engine_start"), 2), fmt_s(med(r["engines"][e], "overhead")),
                     fmt_s(med(r["engines"][e], "readiness"))] for e in engines]
+    produced = f"Produced by `{r['command']}` on {r['date']} in {r['duration_s'] / 60:.1f} minutes."
+    if "failure_run" in r:
+        f = r["failure_run"]
+        produced += (f" The killed-engine figures (7.) come from a later `{f['command']}` on {f['date']}"
+                     f" ({f['duration_s'] / 60:.1f} minutes), merged into that run's results.")
     text = [
         "# Benchmark results", "",
-        f"Produced by `{r['command']}` on {r['date']} in {r['duration_s'] / 60:.1f} minutes.", "",
+        produced, "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']} RAM, {m['os']}, Python {m['python']}"
         + (f", vLLM {m['vllm']} (CPU build)" if "vllm" in m else "") + ". No GPU: the GPU is virtual (its memory is"
         " what the engines declare), so the figures are about switching, not about loading weights onto a GPU.", "",
@@ -387,6 +474,22 @@ def render(r: dict[str, Any]) -> str:
         "The clients are keep-alive connections in the benchmark's own process, on the same 2 cores as the"
         " server and the engines, so these figures include the client's cost.", "",
     ]
+    failed_rows = [[e, str(i), fmt_s(x["to_error"]), fmt_s(x["to_failed"]), fmt_s(x["group_gone"]),
+                    f"`{x.get('error', '')}`", f"{x['killed_after']:.1f} s" if "killed_after" in x else "n/a"]
+                   for e in engines for i, x in enumerate(r["engines"][e].get("failure", []), 1)]
+    if failed_rows:
+        text += [
+            "## 7. An engine killed while it loads", "",
+            "With alpha running, a switch to beta starts on the API's SSE stream; once the status shows the"
+            " switch loading beta, beta's engine has printed something and it has run for at least"
+            f" {KILL_AFTER_S['sim']:g} s (sim) or {KILL_AFTER_S['vLLM CPU']:g} s (vLLM), its main process gets"
+            " SIGKILL (the last column: when). Times run from the kill: to the stream's `error` event, to"
+            " the first `GET /v1/models/status` (polled every 5 ms) saying beta failed, and to the engine's"
+            " process group having no live process left (a vLLM engine's workers outlive its main process"
+            " until the orchestrator ends them). Each round then waits for the rollback to restore alpha.", "",
+            markdown_table(["engine", "round", "→ error event", "→ failed in status", "→ group gone", "error",
+                            "killed after spawn"], failed_rows), "",
+        ]
     if "dashboard" in r:
         d = r["dashboard"]
         rss = d["rss_mb"]
@@ -416,6 +519,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--skip-vllm", action="store_true", help="sim engine only")
     parser.add_argument("--skip-dashboard", action="store_true", help="no browser measurements")
+    parser.add_argument("--only-failures", action="store_true",
+                        help="only kill engines mid-load; merge into the existing results.json and re-render")
     parser.add_argument("--out", default=str(HERE), help="where RESULTS.md, results.json and the PNGs go")
     parser.add_argument("--vllm-home", default=os.environ.get(
         "SMARTSWITCH_VLLM_HOME", str(Path.home() / ".cache/smartswitch/vllm")))
@@ -425,15 +530,31 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_vllm and not (Path(args.vllm_home) / "venv/bin/python").exists():
         parser.error(f"no vLLM venv under {args.vllm_home}: run scripts/setup_vllm.sh, or pass --skip-vllm")
     command = "python -m benchmarks.run" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    earlier: dict[str, Any] = {}
+    if args.only_failures:
+        path = Path(args.out) / "results.json"
+        if not path.exists():
+            parser.error(f"--only-failures merges into an earlier run's results: no {path}")
+        earlier = json.loads(path.read_text())
+        missing = [e for e in ["sim"] + ([] if args.skip_vllm else ["vLLM CPU"]) if e not in earlier["engines"]]
+        if missing:
+            parser.error(f"{path} has no {', '.join(missing)} figures to merge into: run the whole benchmark first")
     began = time.monotonic()
     bench = Bench(args)
     try:
-        for engine in bench.engines:
-            bench.run_engine(engine)
-        if not args.skip_dashboard:
-            bench.run_dashboard()
-        bench.bar.show("writing the results")
-        bench.write(command, began)
+        if args.only_failures:
+            bench.results = earlier
+            for engine in bench.engines:
+                bench.run_failures_only(engine)
+            bench.bar.show("writing the results")
+            bench.write_failures_only(command, began)
+        else:
+            for engine in bench.engines:
+                bench.run_engine(engine)
+            if not args.skip_dashboard:
+                bench.run_dashboard()
+            bench.bar.show("writing the results")
+            bench.write(command, began)
         bench.bar.step("done")
     finally:
         bench.bar.close()

@@ -2,7 +2,15 @@
 
 import panel as pn
 
-from dashboard.ui.app import create_app
+from dashboard.config import ConfigError
+from dashboard.errors import SmartswitchError
 
 if pn.state.served:
-    create_app().servable(title="smartswitch")
+    from dashboard.server import from_environment
+
+    try:
+        app = from_environment()
+    except (ConfigError, SmartswitchError) as exc:  # data dir in use, database unusable, bad catalog
+        pn.pane.Alert(f"**smartswitch cannot start.** {exc}", alert_type="danger").servable(title="smartswitch")
+    else:
+        app.dashboard().servable(title="smartswitch")

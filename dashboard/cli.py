@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
+import threading
 import time
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import httpx
 
 from dashboard.client import DEFAULT_URL, ApiError, SmartswitchClient
 from dashboard.config import ConfigError, load_config
+from dashboard.errors import DataDirError
 from dashboard.events import (
     CancelledEvent,
     CompleteEvent,
@@ -23,9 +28,12 @@ from dashboard.events import (
     SwitchEvent,
     to_dict,
 )
-from dashboard.orchestrator.core import CONFIG_ENV, DATA_DIR_ENV
+from dashboard.orchestrator.states import ModelStatus
 
-STATUS_ICON = {"running": "●", "loading": "◐", "unloading": "◑", "sleeping": "☾", "failed": "✖", "stopped": " "}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+S = ModelStatus
+STATUS_ICON: dict[ModelStatus, str] = {S.RUNNING: "●", S.LOADING: "◐", S.UNLOADING: "◑", S.SLEEPING: "☾",
+                                       S.FAILED: "✖", S.STOPPED: " "}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", help="catalog TOML (default: the embedded demo catalog)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=5006)
-    serve.add_argument("--data-dir", help="history, audit log, engine logs, API key (default from config)")
+    serve.add_argument("--data-dir", help="history, audit log, engine logs, API key (default from config); "
+                                          "one server per data dir")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                       help="debug also shows every HTTP request (default: info)")
 
     def remote(name: str, help_: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_)
@@ -65,53 +76,100 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # health polls every 0.1 s would drown the log
+    if level != "debug":
+        # One line per HTTP request (pages, static files, polls) is noise; server errors still show.
+        logging.getLogger("tornado.access").setLevel(logging.ERROR)
+
+
+class Shutdown:
+    """SIGTERM / Ctrl-C: the first asks for a clean stop, a second one exits at once."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.loop: Any = None  # the server's IOLoop once it exists
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.requested.is_set():
+            print("smartswitch: stopping now without waiting; engines still running are adopted by the next "
+                  "start on this data dir.", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.requested.set()
+        print(f"smartswitch: {signal.Signals(signum).name}: stopping engines and shutting down "
+              "(again to exit at once).", file=sys.stderr, flush=True)
+        if self.loop is not None:
+            self.loop.add_callback(self.loop.stop)
+
+
 def serve_command(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    shutdown = Shutdown()
+    shutdown.install()  # before the orchestrator starts: a signal during start-up still stops cleanly
     try:
         config = load_config(args.config)
-    except ConfigError as exc:
+        from dashboard.server import build_app
+
+        app = build_app(config, Path(args.data_dir) if args.data_dir else None, host=args.host, port=args.port)
+    except (ConfigError, DataDirError) as exc:
         print(f"smartswitch: {exc}", file=sys.stderr)
         return 2
-    if args.config:
-        os.environ[CONFIG_ENV] = os.path.abspath(args.config)
-    if args.data_dir:
-        os.environ[DATA_DIR_ENV] = os.path.abspath(args.data_dir)
-    import logging
-
     import panel as pn
 
-    from dashboard.api.routes import ROUTES, api_context
-    from dashboard.orchestrator.core import get_orchestrator
-    from dashboard.ui.app import create_app
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # health polls every 0.1 s would drown the log
     try:
-        port = get_orchestrator()
-    except ConfigError as exc:
-        print(f"smartswitch: {exc}", file=sys.stderr)
-        return 2
-    api_context()  # makes (and logs) the API key before the first request
-    print(f"smartswitch: {len(config.models)} models from {config.source}; "
-          f"dashboard http://{args.host}:{args.port}/ API http://{args.host}:{args.port}/v1/", flush=True)
-    server = pn.serve({"/": create_app}, address=args.host, port=args.port, show=False, start=False,
-                      title="smartswitch", extra_patterns=ROUTES,
-                      # Closed tabs stop costing refreshes within seconds, not the default ~30 s.
-                      check_unused_sessions_milliseconds=2000, unused_session_lifetime_milliseconds=3000,
-                      websocket_origin=[f"{args.host}:{args.port}", f"localhost:{args.port}",
-                                        f"127.0.0.1:{args.port}"])
-    loop = server.io_loop
+        server = pn.serve({"/": app.dashboard}, address=args.host, port=args.port, show=False, start=False,
+                          title="smartswitch", extra_patterns=app.routes,
+                          # Closed tabs stop costing refreshes within seconds, not the default ~30 s.
+                          check_unused_sessions_milliseconds=2000, unused_session_lifetime_milliseconds=3000,
+                          websocket_origin=[f"{args.host}:{args.port}", f"localhost:{args.port}",
+                                            f"127.0.0.1:{args.port}"])
+    except OSError as exc:
+        print(f"smartswitch: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}. "
+              "Pick another --port.", file=sys.stderr)
+        return stop_app(app, config.switching.stop_timeout_s) or 2
+    print(f"smartswitch: {len(config.models)} models from {config.source}; data dir {app.data_dir}; "
+          f"dashboard {app.url}/ API {app.url}/v1/", flush=True)
+    shutdown.loop = server.io_loop
+    shutdown.install()  # again: pn.serve puts in its own SIGINT handler, which knows nothing of the engines
+    if not shutdown.requested.is_set():
+        server.start()
+        server.io_loop.start()
+    server.stop()
+    return stop_app(app, config.switching.stop_timeout_s)
 
-    def stop(*_: object) -> None:
-        loop.add_callback_from_signal(loop.stop)
 
-    # SIGTERM and Ctrl-C end the loop; then every engine is stopped, none is orphaned.
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    server.start()
-    try:
-        loop.start()
-    finally:
-        port.close()
+SHUTDOWN_GRACE_S = 30.0
+
+
+def stop_app(app: Any, stop_timeout_s: float) -> int:
+    """Stop every engine and free the data dir, within a bound; 0 when all went well."""
+    # Draining and stopping are each bounded by stop_timeout_s; the grace covers the rest.
+    bound = 2 * stop_timeout_s + SHUTDOWN_GRACE_S
+    errors: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            app.close()
+        except BaseException as exc:  # reported below, without a traceback
+            errors.append(exc)
+
+    worker = threading.Thread(target=close, name="smartswitch-shutdown", daemon=True)
+    worker.start()
+    worker.join(bound)
+    if worker.is_alive():
+        print(f"smartswitch: shutdown took over {bound:.0f} s; exiting. Engines still running are adopted by "
+              "the next start on this data dir.", file=sys.stderr, flush=True)
+        return 1
+    if errors:
+        logging.getLogger(__name__).error("shutdown failed", exc_info=errors[0])
+        return 1
+    print("smartswitch: stopped.", flush=True)
     return 0
 
 
@@ -123,10 +181,10 @@ def status_command(client: SmartswitchClient, args: argparse.Namespace) -> int:
     gpu = status["gpu"]
     print(f"GPU ({status['source']}): {gpu['used_memory_gb']:.1f} / {gpu['total_memory_gb']:.1f} GB used, "
           f"{gpu['available_memory_gb']:.1f} GB free")
-    for mid, m in sorted(status["models"].items(), key=lambda kv: kv[1]["status"] != "running"):
+    for mid, m in sorted(status["models"].items(), key=lambda kv: kv[1]["status"] != S.RUNNING):
         memory = m.get("gpu_memory_used_gb", m.get("gpu_memory_required_gb"))
-        label = "" if m["status"] == "stopped" else m["status"]
-        if m["status"] == "loading":
+        label = "" if m["status"] == S.STOPPED else m["status"]
+        if m["status"] == S.LOADING:
             label += f" {m['load_progress']}%"
         print(f" {STATUS_ICON.get(m['status'], '?')} {mid:<32} {m['size_gb']:>6.0f} GB disk "
               f"{memory:>6.1f} GB GPU  {label}")

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dashboard.orchestrator.states import ModelStatus
+
 ERROR = {"$ref": "#/components/schemas/Error"}
 
 
@@ -46,8 +48,7 @@ DOC: dict[str, Any] = {
                                "required": ["status", "health", "size_gb", "load_progress",
                                             "estimated_load_time_seconds"],
                                "properties": {
-                                   "status": {"type": "string", "enum": ["running", "loading", "unloading",
-                                                                         "sleeping", "stopped", "failed"]},
+                                   "status": {"type": "string", "enum": [s.value for s in ModelStatus]},
                                    "health": {"type": "string"}, "size_gb": {"type": "number"},
                                    "gpu_memory_used_gb": {"type": "number"},
                                    "gpu_memory_required_gb": {"type": "number"},

@@ -1,10 +1,16 @@
-"""The HTTP API as Tornado handlers, served beside the dashboard (``ROUTES`` for ``--plugins``)."""
+"""The HTTP API as Tornado handlers, served beside the dashboard.
+
+``make_routes(context)`` gives the handlers of one orchestrator (``smartswitch serve`` passes them to
+``pn.serve`` as ``extra_patterns``); ``ROUTES`` is the same table for ``panel serve --plugins
+dashboard.api.routes``, bound to the process's orchestrator made from the environment on first use.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -17,7 +23,8 @@ from dashboard.api.auth import KeyRing, load_keys
 from dashboard.api.ratelimit import RateLimiter
 from dashboard.errors import ModelNotRunning, SmartswitchError, UnknownModel
 from dashboard.events import Event, to_dict, to_sse
-from dashboard.orchestrator.core import OrchestratorPort, get_orchestrator
+from dashboard.orchestrator.core import OrchestratorPort
+from dashboard.orchestrator.states import ModelStatus
 
 log = logging.getLogger(__name__)
 KEEPALIVE_S = 15.0
@@ -56,17 +63,14 @@ class ApiContext:
     proxy: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=PROXY_TIMEOUT))
 
 
-_context: ApiContext | None = None
+def make_api_context(port: OrchestratorPort) -> ApiContext:
+    """The handlers' shared context for ``port``; makes (and logs the path of) the API key if none is set."""
+    settings = port.config.server
+    return ApiContext(port, KeyRing(load_keys(port.data_dir)), RateLimiter(settings.switches_per_minute),
+                      settings.max_body_bytes)
 
 
-def api_context() -> ApiContext:
-    global _context
-    if _context is None:
-        port = get_orchestrator()
-        settings = port.config.server
-        _context = ApiContext(port, KeyRing(load_keys(port.data_dir)),
-                              RateLimiter(settings.switches_per_minute), settings.max_body_bytes)
-    return _context
+ContextSource = Callable[[], ApiContext]
 
 
 class ApiHandler(RequestHandler):
@@ -74,8 +78,11 @@ class ApiHandler(RequestHandler):
 
     public = False
 
+    def initialize(self, context: ContextSource) -> None:
+        self._context = context
+
     def prepare(self) -> None:
-        self.ctx = api_context()
+        self.ctx = self._context()
         self.key_id = "anonymous"
         length = self.request.headers.get("Content-Length")
         if (length and length.isdigit() and int(length) > self.ctx.max_body_bytes) or \
@@ -274,7 +281,7 @@ class ChatHandler(ApiHandler):
         body = self.json_body()
         model_id = self.model_arg(body.get("model"), "model")
         port = self.ctx.port
-        if port.status()["models"][model_id]["status"] != "running":
+        if port.status()["models"][model_id]["status"] != ModelStatus.RUNNING:
             if port.config.server.switch_on_request:
                 await port.aensure_running(model_id, self.actor)
             else:
@@ -316,17 +323,35 @@ def openapi_document() -> dict[str, Any]:
     return json.loads(text)
 
 
-ROUTES: list[tuple[str, type[RequestHandler], dict[str, Any]]] = [
-    (r"/healthz", HealthHandler, {}),
-    (r"/v1/openapi\.json", OpenApiHandler, {}),
-    (r"/v1/models/status", StatusHandler, {}),
-    (r"/v1/models/plan", PlanHandler, {}),
-    (r"/v1/models/switch", SwitchHandler, {}),
-    (r"/v1/models/switch/cancel", CancelHandler, {}),
-    (r"/v1/models/([A-Za-z0-9][A-Za-z0-9._-]*)/(load|unload|sleep|wake|pin|unpin)", ModelActionHandler, {}),
-    (r"/v1/events", EventsHandler, {}),
-    (r"/v1/audit", AuditHandler, {}),
-    (r"/v1/models", OpenAIModelsHandler, {}),
-    (r"/v1/chat/completions", ChatHandler, {}),
-    (r"/v1/.*", UnknownRouteHandler, {}),  # last: only what nothing above matched
+Route = tuple[str, type[RequestHandler], dict[str, Any]]
+
+HANDLERS: list[tuple[str, type[ApiHandler]]] = [
+    (r"/healthz", HealthHandler),
+    (r"/v1/openapi\.json", OpenApiHandler),
+    (r"/v1/models/status", StatusHandler),
+    (r"/v1/models/plan", PlanHandler),
+    (r"/v1/models/switch", SwitchHandler),
+    (r"/v1/models/switch/cancel", CancelHandler),
+    (r"/v1/models/([A-Za-z0-9][A-Za-z0-9._-]*)/(load|unload|sleep|wake|pin|unpin)", ModelActionHandler),
+    (r"/v1/events", EventsHandler),
+    (r"/v1/audit", AuditHandler),
+    (r"/v1/models", OpenAIModelsHandler),
+    (r"/v1/chat/completions", ChatHandler),
+    (r"/v1/.*", UnknownRouteHandler),  # last: only what nothing above matched
 ]
+
+
+def make_routes(context: ApiContext | ContextSource) -> list[Route]:
+    """The API's Tornado routes (``extra_patterns``) over ``context``, or a function that gives it."""
+    source: ContextSource = (lambda: context) if isinstance(context, ApiContext) else context
+    return [(pattern, handler, {"context": source}) for pattern, handler in HANDLERS]
+
+
+def _context_from_environment() -> ApiContext:
+    from dashboard.server import from_environment
+
+    return from_environment().api
+
+
+# For ``panel serve ... --plugins dashboard.api.routes``: nothing starts until the first request.
+ROUTES: list[Route] = make_routes(_context_from_environment)

@@ -121,6 +121,9 @@ class History:
     def _apply(self, job: _Write) -> None:
         try:
             self._attempt(job)
+        except Exception as exc:  # a bug in a write: drop it, keep the writer alive for the next ones
+            log.exception("history %s: write %s failed", self.path, job.what)
+            self._drop(job, f"({type(exc).__name__}: {exc})")
         finally:
             self._retrying = False
 
@@ -174,7 +177,10 @@ class History:
                 log.exception("on_write_error callback failed")
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every write queued so far is applied (or dropped); False if ``timeout`` ran out."""
+        """Wait until every write queued so far is applied (or dropped); False if ``timeout`` ran out.
+
+        A write is retried for ``retry_for_s`` from when it was queued, so ``flush()`` ends within that.
+        """
         with self._progress:
             target = self._submitted
             return self._progress.wait_for(lambda: self._applied >= target, timeout)

@@ -76,6 +76,9 @@ class Orchestrator(Supervision, Switching, ModelManager, Recovery):
 
     # Start and stop ---------------------------------------------------------------------------
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # A history write that gave up after its retries shows in the status at once.
+        self.history.on_write_error = lambda _message: loop.call_soon_threadsafe(self.changed)
         await self.recover()
         await self.refresh_gpu()
         self.changed()

@@ -184,7 +184,7 @@ class Switching:
         details: dict[str, Any] = {"restoring": back, **exc.details}
         code = details.pop("error", exc.code)
         names = ", ".join(self.models[m].spec.name for m in back)
-        message = exc.message + (f" Restoring {names}." if back else "")
+        message = exc.message.rstrip(". ") + "." + (f" Restoring {names}." if back else "")
         return ErrorEvent(op.id, code, message, target.id, details)
 
     async def abandoned_before_start(self: Orchestrator, op: Operation) -> None:

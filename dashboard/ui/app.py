@@ -11,6 +11,7 @@ import param
 from panel.io.state import set_curdoc
 
 from dashboard.events import Event, StageEvent, StatusEvent, is_terminal
+from dashboard.orchestrator.states import ModelStatus
 from dashboard.ui.activity import ActivityLog
 from dashboard.ui.backend import LocalBackend, RemoteBackend
 from dashboard.ui.banner import ConfirmSwitch, SwitchBanner
@@ -76,7 +77,7 @@ class Dashboard(pn.viewable.Viewer):
 
     async def pick(self, model_id: str) -> None:
         s = self.state
-        running = next((m for m in s.models if m["id"] == model_id and m["status"] == "running"), None)
+        running = next((m for m in s.models if m["id"] == model_id and m["status"] == ModelStatus.RUNNING), None)
         if running is not None and not s.switching:
             s.selected_model = model_id
             self.refresh_soon()
@@ -157,10 +158,6 @@ class Dashboard(pn.viewable.Viewer):
                          min_height=700)
 
 
-def create_app(backend: LocalBackend | RemoteBackend | None = None) -> Dashboard:
-    """A fresh dashboard for this session (the ``pn.serve`` factory and the notebook entry point)."""
-    if backend is None:
-        from dashboard.orchestrator.core import get_orchestrator
-
-        backend = LocalBackend(get_orchestrator())
+def create_app(backend: LocalBackend | RemoteBackend) -> Dashboard:
+    """A fresh dashboard for this session over ``backend`` (what ``pn.serve`` calls for each page)."""
     return Dashboard(backend, user=pn.state.user)

@@ -8,6 +8,7 @@ from typing import Any
 import panel as pn
 import param
 
+from dashboard.orchestrator.states import ModelStatus
 from dashboard.ui.state import DashboardState
 from dashboard.ui.theme import BUTTON_TYPE, STATUS_STYLE, status_label
 
@@ -52,7 +53,7 @@ class ModelSelector(pn.viewable.Viewer):
                 name=f"{selected}{icon} {model['name']} · {model['size_gb']:g} GB"
                      + (f" · {label}" if label else ""),
                 button_type=BUTTON_TYPE.get(model["status"], "default"),
-                button_style="solid" if model["status"] != "stopped" else "outline",
+                button_style="solid" if model["status"] != ModelStatus.STOPPED else "outline",
                 css_classes=["model-option", f"status-{model['status']}"],
             )
             ordered.append(button)

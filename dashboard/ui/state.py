@@ -7,7 +7,12 @@ from typing import Any, Protocol
 
 import param
 
-STATUS_ORDER = {"running": 0, "loading": 1, "unloading": 2, "sleeping": 3, "failed": 4, "stopped": 5}
+from dashboard.orchestrator.states import ModelStatus
+
+S = ModelStatus
+# The order of the model list: what serves first, then what is changing, then the rest.
+STATUS_ORDER = {status: rank for rank, status in enumerate(
+    (S.RUNNING, S.LOADING, S.UNLOADING, S.SLEEPING, S.FAILED, S.STOPPED))}
 MEMORY_HISTORY = 600  # points kept for the memory plot (5 minutes at 0.5 s)
 
 
@@ -92,7 +97,7 @@ class DashboardState(param.Parameterized):
         if self.selected_model is None and snapshot.get("active_model"):
             updates["selected_model"] = snapshot["active_model"]
         selected = updates.get("selected_model", self.selected_model)
-        if sw is None and self.switching and snapshot["models"].get(selected or "", {}).get("status") != "running":
+        if sw is None and self.switching and snapshot["models"].get(selected or "", {}).get("status") != S.RUNNING:
             # The switch ended without loading the pick (cancelled, failed, rolled back): follow what runs.
             updates["selected_model"] = snapshot.get("active_model")
         if sw is not None:
@@ -111,11 +116,11 @@ class DashboardState(param.Parameterized):
             target = snapshot["models"][sw["target_model"]]["name"]
             remaining = f" ({eta:.0f}s remaining)" if eta is not None else ""
             return {"chat_locked": True, "lock_reason": f"Switching to {target}...{remaining}"}
-        if model is None or model["status"] != "running":
+        if model is None or model["status"] != S.RUNNING:
             status = model["status"] if model else "unknown"
             why = (model or {}).get("error") or f"{name} failed"
-            reason = {"failed": f"{why.rstrip('.')}. Pick {name} again to restart it, or pick another model",
-                      "sleeping": f"{name} is asleep: pick it to wake it"}.get(
+            reason = {S.FAILED: f"{why.rstrip('.')}. Pick {name} again to restart it, or pick another model",
+                      S.SLEEPING: f"{name} is asleep: pick it to wake it"}.get(
                 status, f"{name} is not loaded: pick it to load it")
             return {"chat_locked": True, "lock_reason": reason}
         return {"chat_locked": False, "lock_reason": f"Message {name}"}

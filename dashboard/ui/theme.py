@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
-STATUS_STYLE: dict[str, tuple[str, str]] = {
-    "running": ("●", "#2e7d32"),
-    "loading": ("◐", "#1565c0"),
-    "unloading": ("◑", "#ef6c00"),
-    "sleeping": ("☾", "#6d4c41"),
-    "failed": ("✖", "#c62828"),
-    "stopped": ("○", "#9e9e9e"),
+from typing import Any
+
+from dashboard.orchestrator.states import ModelStatus
+
+S = ModelStatus
+
+# Keyed by the enum; a status string from a snapshot finds its entry too (ModelStatus is a StrEnum).
+STATUS_STYLE: dict[ModelStatus, tuple[str, str]] = {
+    S.RUNNING: ("●", "#2e7d32"),
+    S.LOADING: ("◐", "#1565c0"),
+    S.UNLOADING: ("◑", "#ef6c00"),
+    S.SLEEPING: ("☾", "#6d4c41"),
+    S.FAILED: ("✖", "#c62828"),
+    S.STOPPED: ("○", "#9e9e9e"),
 }
-BUTTON_TYPE = {"running": "success", "loading": "primary", "unloading": "warning", "sleeping": "light",
-               "failed": "danger", "stopped": "default"}
+BUTTON_TYPE: dict[ModelStatus, str] = {S.RUNNING: "success", S.LOADING: "primary", S.UNLOADING: "warning",
+                                       S.SLEEPING: "light", S.FAILED: "danger", S.STOPPED: "default"}
 MODEL_COLOURS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
 
 
-def status_label(model: dict) -> str:
+def status_label(model: dict[str, Any]) -> str:
     """The words beside a model: its status (and % while loading); a stopped model gets none."""
     status = model["status"]
-    if status == "stopped":
+    if status == S.STOPPED:
         return ""
-    if status == "loading":
-        return f"loading {model.get('load_progress', 0)}%"
-    return status
+    if status == S.LOADING:
+        return f"{S.LOADING} {model.get('load_progress', 0)}%"
+    return str(status)
 
 
 def model_colour(model_ids: list[str], model_id: str) -> str:

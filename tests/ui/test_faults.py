@@ -76,7 +76,7 @@ def test_conversation_and_activity_survive_a_failed_load_and_an_engine_crash(pag
     error = page.locator(".switch-error")
     expect(error).to_contain_text("Switch to Crasher-70B failed.", timeout=30_000)
     expect(error).to_contain_text("simulated engine failure at weights")
-    expect(error).to_contain_text("Restored: steady")
+    expect(error).to_contain_text("at weights. Restoring Steady-8B.")
     expect(page.locator(".status-running button", has_text="Steady-8B")).to_be_visible(timeout=10_000)
     expect_reply(page, "[simulated reply from steady] You said: first question", timeout=1000)
     send(page, "still there?")
@@ -101,7 +101,8 @@ def test_conversation_and_activity_survive_a_failed_load_and_an_engine_crash(pag
     audit = httpx.get(f"{fault_server.url}/v1/audit", headers=fault_server.headers).json()["entries"]
     steps = [(e["action"], e["target"], e["outcome"]) for e in reversed(audit) if e["action"] != "load"]
     assert steps == [("switch", "steady", "success"), ("switch", "crasher", "failed"),
-                     ("engine_exit", "steady", "failed"), ("switch", "steady", "success")]
+                     ("rollback", "steady", "success"), ("engine_exit", "steady", "failed"),
+                     ("switch", "steady", "success")]
     page.locator(".bk-tab", has_text="Activity").click()
     expect(page.locator(".activity .tabulator-row", has_text="engine_exit")).to_contain_text("orchestrator",
                                                                                           timeout=5000)
