@@ -367,14 +367,19 @@ class ProcessEngine(Engine):
     async def _signal_and_wait(self, signum: signal.Signals, wait_s: float) -> bool:
         """Signal the engine's group if it is confirmed ours; True once nothing of it is left."""
         pgid = self.pid
-        if pgid is None or not self._group():
-            self._reap()
+        self._reap()
+        if pgid is None or (not self._group() and not self._own_child()):
             return True
         _signal_group(pgid, signum)
+        if self._own_child():
+            # A child signalled right after the spawn may not have made its own group yet (setsid
+            # runs in the child before exec): signal it directly too, or it would start unwatched.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pgid, signum)
         deadline = time.monotonic() + wait_s
         while True:
             self._reap()
-            if not _group_members(pgid):
+            if not _group_members(pgid) and not self._own_child():
                 return True
             if time.monotonic() >= deadline:
                 return False

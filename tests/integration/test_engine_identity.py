@@ -192,6 +192,15 @@ async def test_stop_kills_workers_that_ignore_sigterm(engines) -> None:
     assert not any(pid_alive(pid) for pid in group)
 
 
+async def test_an_engine_killed_right_after_its_spawn_never_starts_unwatched(engines) -> None:
+    # Killed before the child has made its own process group: the kill must still reach it.
+    engine = engines(SLOW_WORKERS)
+    await engine.start()
+    await engine.kill()
+    assert engine.proc is not None and engine.proc.returncode is not None
+    assert not engine.pids()
+
+
 async def test_sleep_wake_and_is_sleeping_speak_vllms_protocol(engines) -> None:
     engine = await started(engines(SLEEPY))
     assert await engine.is_sleeping() is False
