@@ -12,7 +12,8 @@ from dashboard.ui.state import DashboardState
 from dashboard.ui.theme import format_bytes
 
 STAGE_TEXT = {"checking_memory": "Checking GPU memory", "unloading_models": "Unloading models",
-              "loading_target": "Loading model", "rolling_back": "Restoring the previous models"}
+              "loading_target": "Loading model", "rolling_back": "Restoring the previous models",
+              "cancelling": "Cancelling"}
 
 
 class SwitchBanner(pn.viewable.Viewer):
@@ -47,9 +48,15 @@ class SwitchBanner(pn.viewable.Viewer):
         size = (f" · {format_bytes(s.bytes_loaded)} of {format_bytes(s.bytes_total)}"
                 if s.bytes_total else "")
         slow = "<div class='slow'>This may take a while: the load is slower than usual.</div>" if s.slow else ""
+        if s.stage in ("cancelling", "rolling_back"):
+            # The message names what failed or was cancelled and what comes back: it is the headline.
+            head, detail = s.stage_message, STAGE_TEXT.get(s.stage, s.stage)
+        else:
+            head = f"Switching {origin}to {s.name_of(s.switch_target)}..."
+            detail = f"{STAGE_TEXT.get(s.stage, s.stage)}: {s.stage_message}"
         return (
-            f"<div class='switch-banner'><b>Switching {origin}to {s.name_of(s.switch_target)}...</b>"
-            f"<div class='stage'>{STAGE_TEXT.get(s.stage, s.stage)}: {s.stage_message}</div>"
+            f"<div class='switch-banner'><b>{head}</b>"
+            f"<div class='stage'>{detail}</div>"
             f"<div class='numbers'><span class='percent'>{s.progress}%</span> · "
             f"<span class='eta'>{eta}</span>{size}</div>{slow}</div>")
 

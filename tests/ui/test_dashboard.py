@@ -124,9 +124,10 @@ def test_cancel_stops_the_switch_and_keeps_the_previous_model(open_page, demo_se
     running = sorted(m["name"] for m in models.values() if m["status"] == "running")
     assert running, "earlier tests leave models running"
     option(page, "GPT-OSS-120B").click()
-    expect(page.locator(".switch-banner")).to_be_visible(timeout=5000)
+    expect(page.locator(".switch-banner")).to_contain_text("Unloading", timeout=10_000)
     page.locator(".cancel-switch button").click()
-    # Cancelling restores what was unloaded for the switch, which takes a reload of each.
+    # At once the banner says what happens now: what was unloaded comes back, a reload of each.
+    expect(page.locator(".switch-banner")).to_contain_text(re.compile("restoring", re.I), timeout=3000)
     expect(page.locator(".switch-banner")).to_have_count(0, timeout=60_000)
     expect(option(page, "GPT-OSS-120B")).not_to_contain_text("loading", timeout=5000)
     for name in running:
