@@ -26,7 +26,7 @@ from dashboard.client import SmartswitchClient
 from dashboard.engines.process import INSTANCE_ENV, MODEL_ENV, group_pids, pid_alive, pid_cmdline
 from dashboard.events import CompleteEvent, ErrorEvent, ProgressEvent, SwitchEvent
 
-API_KEY = "bench-key"
+API_KEY = "bench-key-0123456789"  # the server refuses keys shorter than 16 characters
 
 
 def now() -> float:

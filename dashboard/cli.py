@@ -16,7 +16,8 @@ from typing import Any
 
 import httpx
 
-from dashboard.client import DEFAULT_URL, ApiError, SmartswitchClient
+from dashboard.api.limits import CLIENT_TIMEOUT_S
+from dashboard.client import DEFAULT_URL, KEY_FILE_RULE, ApiError, SmartswitchClient
 from dashboard.config import ConfigError, load_config
 from dashboard.errors import DataDirError
 from dashboard.events import (
@@ -41,18 +42,23 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the dashboard at / and the API at /v1/... from one process")
-    serve.add_argument("--config", help="catalog TOML (default: the embedded demo catalog)")
+    serve.add_argument("--config", help="catalog TOML, or the name of a shipped one (demo, demo-4gpu); "
+                                         "default: the embedded demo catalog")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=5006)
     serve.add_argument("--data-dir", help="history, audit log, engine logs, API key (default from config); "
                                           "one server per data dir")
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info",
                        help="debug also shows every HTTP request (default: info)")
+    serve.add_argument("--client-timeout", type=positive_seconds, default=CLIENT_TIMEOUT_S, metavar="SECONDS",
+                       help="close a connection whose request header or body has not fully arrived within this "
+                            f"long, and idle keep-alive connections after it (default: {CLIENT_TIMEOUT_S:g})")
 
     def remote(name: str, help_: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_)
         cmd.add_argument("--url", default=os.environ.get("SMARTSWITCH_URL", DEFAULT_URL))
-        cmd.add_argument("--api-key", default=None, help="default: SMARTSWITCH_API_KEY or the local key file")
+        cmd.add_argument("--api-key", default=None,
+                         help=f"default: SMARTSWITCH_API_KEY, else the local key file. {KEY_FILE_RULE}")
         cmd.add_argument("--json", action="store_true", help="print raw JSON")
         return cmd
 
@@ -70,10 +76,22 @@ def main(argv: list[str] | None = None) -> int:
                     "cancel": cancel_command}[args.command](client, args)
     except ApiError as exc:
         print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
+        if exc.status == 401 and not args.api_key:
+            print(f"hint: pass --api-key KEY or set SMARTSWITCH_API_KEY. {KEY_FILE_RULE}", file=sys.stderr)
         return 1
     except httpx.HTTPError as exc:
         print(f"error: cannot reach {args.url}: {exc}. Is `smartswitch serve` running?", file=sys.stderr)
         return 1
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds between 0 and 86400, got {text!r}")
+    return value
 
 
 def configure_logging(level: str) -> None:
@@ -122,9 +140,14 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     import panel as pn
 
+    from dashboard.api.limits import HttpLimits, guard_server
+
+    limits = HttpLimits(config.server.max_body_bytes, client_timeout_s=args.client_timeout)
     try:
         server = pn.serve({"/": app.dashboard}, address=args.host, port=args.port, show=False, start=False,
                           title="smartswitch", extra_patterns=app.routes,
+                          # Body and header limits and client timeouts hold for every route, before any handler.
+                          http_server_kwargs=limits.server_kwargs(),
                           # Closed tabs stop costing refreshes within seconds, not the default ~30 s.
                           check_unused_sessions_milliseconds=2000, unused_session_lifetime_milliseconds=3000,
                           websocket_origin=[f"{args.host}:{args.port}", f"localhost:{args.port}",
@@ -133,6 +156,7 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"smartswitch: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}. "
               "Pick another --port.", file=sys.stderr)
         return stop_app(app, config.switching.stop_timeout_s) or 2
+    guard_server(server, limits)  # before the loop runs: no request is served without it
     print(f"smartswitch: {len(config.models)} models from {config.source}; data dir {app.data_dir}; "
           f"dashboard {app.url}/ API {app.url}/v1/", flush=True)
     shutdown.loop = server.io_loop
@@ -181,13 +205,19 @@ def status_command(client: SmartswitchClient, args: argparse.Namespace) -> int:
     gpu = status["gpu"]
     print(f"GPU ({status['source']}): {gpu['used_memory_gb']:.1f} / {gpu['total_memory_gb']:.1f} GB used, "
           f"{gpu['available_memory_gb']:.1f} GB free")
+    devices = status.get("devices") or []
+    if len(devices) > 1:  # several GPUs: what each holds
+        for d in devices:
+            held = ", ".join(f"{m} {gb:.0f} GB" for m, gb in d.get("models", {}).items()) or "-"
+            print(f"  GPU {d['index']} {d.get('name', '')}: {d['used_gb']:.1f} / {d['total_gb']:.1f} GB  {held}")
     for mid, m in sorted(status["models"].items(), key=lambda kv: kv[1]["status"] != S.RUNNING):
         memory = m.get("gpu_memory_used_gb", m.get("gpu_memory_required_gb"))
         label = "" if m["status"] == S.STOPPED else m["status"]
         if m["status"] == S.LOADING:
             label += f" {m['load_progress']}%"
+        gpus = f"  GPU {','.join(map(str, m['gpus']))}" if len(devices) > 1 and m.get("gpus") else ""
         print(f" {STATUS_ICON.get(m['status'], '?')} {mid:<32} {m['size_gb']:>6.0f} GB disk "
-              f"{memory:>6.1f} GB GPU  {label}")
+              f"{memory:>6.1f} GB GPU  {label}{gpus}")
     if status.get("switch"):
         sw = status["switch"]
         print(f"Switching {sw['from_model'] or '-'} -> {sw['target_model']}: {sw['stage']} {sw['progress']}%")
@@ -206,7 +236,11 @@ def plan_command(client: SmartswitchClient, args: argparse.Namespace) -> int:
         return 1
     else:
         unload = ", ".join(plan["unload"]) or "nothing"
-        print(f"Switch to {args.model}: unload {unload}; needs {plan['required_gb']} GB, "
+        by_device = {d: ms for d, ms in (plan.get("unload_by_device") or {}).items() if ms}
+        if by_device:
+            unload = "; ".join(f"GPU {d}: {', '.join(ms)}" for d, ms in sorted(by_device.items()))
+        where = f" on GPU {','.join(map(str, plan['gpus']))}" if len(plan.get("gpus") or []) > 1 or by_device else ""
+        print(f"Switch to {args.model}{where}: unload {unload}; needs {plan['required_gb']} GB, "
               f"{plan['available_gb']} GB free now, {plan['free_gb_after']} GB free after; "
               f"~{plan['estimated_load_time_seconds']:.0f} s to load.")
     return 0

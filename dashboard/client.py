@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from dashboard.events import Event, SwitchEvent, from_sse, is_terminal
+from dashboard.orchestrator.datadir import KEY_FILE, DataDirLock, pid_alive
 
 DEFAULT_URL = "http://127.0.0.1:5006"
+DEFAULT_DATA_DIR = "~/.local/share/smartswitch"
 KEY_ENV = "SMARTSWITCH_API_KEY"
+KEY_FILE_RULE = ("The local key file (DATA_DIR/api-key) is only sent to the server that uses it: a loopback URL "
+                 "(127.0.0.1, ::1, localhost) on the port of the server that holds that data dir now "
+                 "(DATA_DIR/server.json); any other URL needs --api-key or SMARTSWITCH_API_KEY.")
 
 
 class ApiError(Exception):
@@ -27,16 +34,61 @@ class ApiError(Exception):
         super().__init__(f"{status} {self.code}: {self.message}")
 
 
-def default_api_key(data_dir: str | None = None) -> str | None:
-    """The key from SMARTSWITCH_API_KEY, else the one a local server generated in its data dir."""
+def default_api_key(url: str = DEFAULT_URL, data_dir: str | None = None) -> str | None:
+    """The key from SMARTSWITCH_API_KEY (or the first of SMARTSWITCH_API_KEYS), else ``local_key(url)``."""
     if os.environ.get(KEY_ENV):
         return os.environ[KEY_ENV]
     keys = os.environ.get("SMARTSWITCH_API_KEYS", "").split(",")
     if keys[0].strip():
         return keys[0].strip()
-    path = Path(os.path.expanduser(data_dir or os.environ.get("SMARTSWITCH_DATA_DIR")
-                                   or "~/.local/share/smartswitch")) / "api-key"
-    return path.read_text().strip() if path.exists() else None
+    return local_key(url, data_dir)
+
+
+def local_key(url: str, data_dir: str | None = None) -> str | None:
+    """The key a local server generated in its data dir, for that server's own URL only (``KEY_FILE_RULE``).
+
+    Whatever answers on another host or port (another user's server, or anything else) never sees it;
+    nor does a port whose server is gone, since a stopped server removes its ``server.json``.
+    """
+    folder = Path(os.path.expanduser(data_dir or os.environ.get("SMARTSWITCH_DATA_DIR") or DEFAULT_DATA_DIR))
+    path = folder / KEY_FILE
+    if not path.is_file():
+        return None
+    holder = DataDirLock(folder).holder()
+    if holder is None or not holder.url or not pid_alive(holder.pid) or not serves_at(holder.url, url):
+        return None
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def serves_at(server_url: str, url: str) -> bool:
+    """Does a server listening at ``server_url`` answer ``url``, on this machine's loopback?"""
+    try:
+        own, target = urlsplit(server_url), urlsplit(url)
+        own_port, target_port = own.port or _default_port(own.scheme), target.port or _default_port(target.scheme)
+    except ValueError:  # a malformed URL or port
+        return False
+    if not _loopback(target.hostname) or own.scheme != target.scheme or own_port != target_port:
+        return False
+    # Bound to a wildcard or to loopback, the server takes loopback connections; bound elsewhere it does not.
+    return own.hostname in ("0.0.0.0", "::", "") or _loopback(own.hostname)
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
+
+
+def _loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class SseParser:
@@ -88,7 +140,7 @@ class SmartswitchClient:
     """Blocking client: status, plan, switch (iterating events), cancel, events, model actions."""
 
     def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 30.0) -> None:
-        key = api_key or default_api_key()
+        key = api_key or default_api_key(url)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
@@ -154,7 +206,7 @@ class AsyncSmartswitchClient:
     """The same interface for asyncio code (notebooks, the dashboard pointed at a shared server)."""
 
     def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 30.0) -> None:
-        key = api_key or default_api_key()
+        key = api_key or default_api_key(url)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 

@@ -36,15 +36,24 @@ class ModelSpec:
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     image: str = "vllm/vllm-openai:latest"
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # how many GPUs it spans; its footprint is split evenly over them
     sleep: bool = False
     pinned: bool = False
+    gpus: tuple[int, ...] | None = None  # pinned to this device set (else the planner places it)
 
 
 @dataclass(frozen=True)
 class GpuSettings:
+    """Where GPU memory figures come from; a virtual GPU has one or more devices of configured size."""
+
     source: str = "auto"
-    total_gb: float | None = None
+    total_gb: float | None = None  # all devices together (the sum of ``devices_gb``)
+    devices_gb: tuple[float, ...] = ()  # one entry per device; ``total_gb`` alone means one device
+
+    @property
+    def device_count(self) -> int | None:
+        """How many devices the config describes (None: known only once NVML is read)."""
+        return len(self.devices_gb) or None
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ class SwitchSettings:
     health_interval_s: float = 2.0
     memory_release_timeout_s: float = 60.0
     host_ram_gb: float | None = None  # host RAM for sleeping models' weights (default: what is free)
+    drain_timeout_s: float = 30.0  # before a stop or sleep: how long requests in flight may take to finish
+    prewarm: bool = False  # while idle with room, load the model most likely asked next (never unloads for it)
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,7 @@ class ServerSettings:
     switches_per_minute: int = 6
     max_body_bytes: int = 1_048_576
     switch_on_request: bool = False
+    queue_timeout_s: float = 300.0  # how long a request may wait in the queue for its model (then 503)
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,7 @@ class Config:
 
 
 DEMO_CATALOG = "demo.toml"
+MAX_DEVICES = 64
 
 
 def demo_path() -> Path:
@@ -92,9 +105,24 @@ def demo_path() -> Path:
     return Path(str(resources.files("dashboard.catalogs").joinpath(DEMO_CATALOG)))
 
 
+def embedded_catalogs() -> dict[str, Path]:
+    """The catalogs shipped in ``dashboard/catalogs``, by bare name (``demo``, ``demo-4gpu``)."""
+    folder = resources.files("dashboard.catalogs")
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".toml")}
+
+
+def resolve_catalog(path: str | os.PathLike[str]) -> Path:
+    """A file path as given, or, for a bare name that is no file here (``demo-4gpu``), the embedded catalog."""
+    file = Path(path)
+    if file.exists() or len(file.parts) != 1:
+        return file
+    return embedded_catalogs().get(file.name.removesuffix(".toml"), file)
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Read and validate a catalog file (the embedded demo when ``path`` is None)."""
-    file = Path(path) if path is not None else demo_path()
+    """Read and validate a catalog file (the embedded demo when ``path`` is None; a bare name picks an
+    embedded catalog)."""
+    file = resolve_catalog(path) if path is not None else demo_path()
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
@@ -195,9 +223,11 @@ class _Reader:
             raise ConfigError(f"{self.source}: no models: add at least one [models.ID] table")
         models = {mid: self.model(mid, spec) for mid, spec in models_raw.items()}
         switching = self.switching(self.table(raw, "switching"), models)
+        gpu = self.gpu(self.table(raw, "gpu"))
+        self.check_placeable(models, gpu)
         return Config(
             models=models,
-            gpu=self.gpu(self.table(raw, "gpu")),
+            gpu=gpu,
             switching=switching,
             server=self.server(self.table(raw, "server")),
             source=self.source,
@@ -210,7 +240,7 @@ class _Reader:
         if not isinstance(raw, dict):
             raise ConfigError(f"{self.source}: models.{model_id} must be a table [models.{model_id}]")
         fields = ("name", "size_gb", "gpu_memory_gb", "engine", "runtime", "path", "args", "env",
-                  "image", "tensor_parallel_size", "sleep", "pinned")
+                  "image", "tensor_parallel_size", "sleep", "pinned", "gpus")
         for key, value in raw.items():
             if isinstance(value, dict) and key not in ("env",):
                 # [models.llama-3.1-8b] is read by TOML as nested tables "llama-3" -> "1-8b".
@@ -228,9 +258,14 @@ class _Reader:
         env = raw.get("env", {})
         if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
             raise self.fail(table, "env", f"must be a table of strings, got {env!r}")
-        tp = raw.get("tensor_parallel_size", 1)
+        gpus = self.device_set(table, raw)
+        # A pinned set says how many GPUs the model spans when tensor_parallel_size is left out.
+        tp = raw.get("tensor_parallel_size", len(gpus) if gpus else 1)
         if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
             raise self.fail(table, "tensor_parallel_size", f"must be a whole number >= 1, got {tp!r}")
+        if gpus is not None and len(gpus) != tp:
+            raise self.fail(table, "gpus", f"names {len(gpus)} GPU(s) but tensor_parallel_size is {tp}: "
+                            "a model runs on exactly tensor_parallel_size GPUs")
         return ModelSpec(
             id=model_id,
             name=self.string(table, raw, "name", model_id),
@@ -245,20 +280,62 @@ class _Reader:
             tensor_parallel_size=tp,
             sleep=self.boolean(table, raw, "sleep", False),
             pinned=self.boolean(table, raw, "pinned", False),
+            gpus=gpus,
         )
 
+    def device_set(self, table: str, raw: dict[str, Any]) -> tuple[int, ...] | None:
+        """``gpus = [2, 3]``: distinct device indices, or None when the planner is to choose."""
+        if "gpus" not in raw:
+            return None
+        value = raw["gpus"]
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+            raise self.fail(table, "gpus", f"must be a list of GPU indices like [0, 1], got {value!r}")
+        if len(set(value)) != len(value):
+            raise self.fail(table, "gpus", f"names a GPU twice: {value!r}")
+        return tuple(value)
+
     def gpu(self, raw: dict[str, Any]) -> GpuSettings:
-        self.check_keys("gpu", raw, ("source", "total_gb"))
+        self.check_keys("gpu", raw, ("source", "total_gb", "devices_gb"))
         source = self.choice("gpu", raw, "source", "auto", GPU_SOURCES)
         total = self.number("gpu", raw, "total_gb", None)
+        devices: tuple[float, ...] = ()
+        if "devices_gb" in raw:
+            value = raw["devices_gb"]
+            if (not isinstance(value, list) or not value or len(value) > MAX_DEVICES or not all(
+                    isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value)):
+                raise self.fail("gpu", "devices_gb", "must be a list of positive numbers, one per GPU "
+                                f"(at most {MAX_DEVICES}), like [80, 80], got {value!r}")
+            if total is not None:
+                raise self.fail("gpu", "devices_gb", "give either total_gb (one GPU) or devices_gb "
+                                "(one entry per GPU), not both")
+            devices = tuple(float(v) for v in value)
+            total = sum(devices)
+        elif total is not None:
+            devices = (total,)
         if source == "virtual" and total is None:
-            raise self.fail("gpu", None, "source = \"virtual\" needs total_gb (the GPU's memory in GB)")
-        return GpuSettings(source=source, total_gb=total)
+            raise self.fail("gpu", None, "source = \"virtual\" needs total_gb (one GPU's memory in GB) "
+                            "or devices_gb (one entry per GPU)")
+        return GpuSettings(source=source, total_gb=total, devices_gb=devices)
+
+    def check_placeable(self, models: dict[str, ModelSpec], gpu: GpuSettings) -> None:
+        """Every model must have somewhere to go on the configured devices (NVML's are checked at start)."""
+        count = gpu.device_count
+        if count is None or gpu.source != "virtual":  # with auto, the configured sizes are only a fallback
+            return
+        for spec in models.values():
+            table = f"models.{spec.id}"
+            if spec.gpus is not None and max(spec.gpus) >= count:
+                raise self.fail(table, "gpus", f"names GPU {max(spec.gpus)}, but [gpu] has {count} "
+                                f"(indices 0 to {count - 1})")
+            if spec.tensor_parallel_size > count:
+                raise self.fail(table, "tensor_parallel_size", f"is {spec.tensor_parallel_size}, but [gpu] "
+                                f"has only {count} GPU(s)")
 
     def switching(self, raw: dict[str, Any], models: dict[str, ModelSpec]) -> SwitchSettings:
         fields = ("strategy", "auto_unload", "confirm_before_unload", "preserve_models",
                   "stall_timeout_s", "stop_timeout_s", "health_interval_s", "memory_release_timeout_s",
-                  "host_ram_gb")
+                  "host_ram_gb", "drain_timeout_s", "prewarm")
         self.check_keys("switching", raw, fields)
         preserve = self.strings("switching", raw, "preserve_models")
         for model_id in preserve:
@@ -277,10 +354,12 @@ class _Reader:
             memory_release_timeout_s=self.number("switching", raw, "memory_release_timeout_s",
                                                  d.memory_release_timeout_s) or 0,
             host_ram_gb=self.number("switching", raw, "host_ram_gb", None, positive=False),
+            drain_timeout_s=self.number("switching", raw, "drain_timeout_s", d.drain_timeout_s) or 0,
+            prewarm=self.boolean("switching", raw, "prewarm", d.prewarm),
         )
 
     def server(self, raw: dict[str, Any]) -> ServerSettings:
-        fields = ("data_dir", "switches_per_minute", "max_body_bytes", "switch_on_request")
+        fields = ("data_dir", "switches_per_minute", "max_body_bytes", "switch_on_request", "queue_timeout_s")
         self.check_keys("server", raw, fields)
         d = ServerSettings()
         per_minute = raw.get("switches_per_minute", d.switches_per_minute)
@@ -294,4 +373,5 @@ class _Reader:
             switches_per_minute=per_minute,
             max_body_bytes=max_body,
             switch_on_request=self.boolean("server", raw, "switch_on_request", d.switch_on_request),
+            queue_timeout_s=self.number("server", raw, "queue_timeout_s", d.queue_timeout_s) or 0,
         )

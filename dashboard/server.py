@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dashboard.api.auth import check_keys
 from dashboard.api.routes import ApiContext, Route, make_api_context, make_routes
 from dashboard.config import Config, load_config
 from dashboard.orchestrator.core import OrchestratorPort
@@ -53,9 +54,12 @@ class App:
 def build_app(config: Config, data_dir: Path | None = None, *, host: str | None = None,
               port: int | None = None) -> App:
     """Start the data dir's orchestrator (it takes the data dir's lock first) and make the API context;
-    raises ``DataDirError`` (data dir in use, database unusable) or ``ConfigError`` before anything is served."""
+    raises ``DataDirError`` (data dir in use, database unusable, key file unsafe) or ``ConfigError`` (keys
+    too short) before anything is served."""
     # Absolute and resolved: the same directory must read the same in the lock, the logs and engine markers.
     data_dir = prepare_data_dir(Path(data_dir) if data_dir is not None else config.data_dir).resolve()
+    # Before the orchestrator starts: a refusal must not stop (or adopt) any engine.
+    check_keys(data_dir)
     url = f"http://{host}:{port}" if host and port else None
     orchestrator = OrchestratorPort(config, data_dir=data_dir, url=url).start()
     try:

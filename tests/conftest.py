@@ -26,16 +26,18 @@ def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def sim_processes() -> list[str]:
-    """Command lines of this test session's sim engine processes still running (workers included)."""
+def sim_processes(under: Path | None = None) -> list[str]:
+    """Command lines of this test session's sim engine processes still running (workers included);
+    ``under`` narrows it to the engines of one data dir (one server's)."""
     if not SESSION_ROOT:
         return []
+    root = (under or SESSION_ROOT[0]).resolve()
     found = []
     for proc in psutil.process_iter(["cmdline", "environ", "status"]):
         cmd = " ".join(proc.info["cmdline"] or [])
         marker = (proc.info["environ"] or {}).get(INSTANCE_ENV)
         if SIM_MARK in cmd and "pytest" not in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE \
-                and marker and Path(marker).is_relative_to(SESSION_ROOT[0]):
+                and marker and Path(marker).is_relative_to(root):
             found.append(cmd)
     return found
 

@@ -1,4 +1,8 @@
-"""A sliding one-minute window per API key for switch requests."""
+"""Switches per minute per actor: a sliding one-minute window, and the 429 it answers with.
+
+The orchestrator charges it for the expensive step, starting an engine, whoever asks for it: a switch
+(API, dashboard), a model-manager load, or a switch a queued chat request triggers.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,17 @@ import math
 import threading
 import time
 from collections import defaultdict, deque
+
+from dashboard.errors import SmartswitchError
+
+# The actors the limit applies to: API keys and dashboard users. Code in this process (a notebook's
+# own orchestrator, recovery at start) acts for the person running it and is not limited.
+LIMITED_ACTORS = ("api:", "dashboard:")
+
+
+class RateLimited(SmartswitchError):
+    code = "rate_limited"
+    http_status = 429
 
 
 class RateLimiter:
@@ -26,3 +41,7 @@ class RateLimiter:
                 return max(1, math.ceil(hits[0] + self.window_s - now))
             hits.append(now)
             return None
+
+    def refusal(self, retry_after: int) -> RateLimited:
+        return RateLimited(f"Too many switches: at most {self.per_minute} per minute. Retry in {retry_after} s.",
+                           retry_after_seconds=retry_after)

@@ -1,9 +1,18 @@
-"""One model's engine, whatever runs it: output -> signals, readiness, exit and stall detection, sleep/wake."""
+"""One model's engine, whatever runs it: output -> signals, readiness, exit and stall detection, sleep/wake.
+
+Each engine gets a random secret at its start (vLLM's ``--api-key``, passed as ``VLLM_API_KEY`` so that
+``ps`` does not show it) and the orchestrator's own requests carry it (``auth_headers``): on this
+machine's loopback, nobody else can use its OpenAI routes. vLLM leaves ``/health`` and the sleep
+routes (``/sleep``, ``/wake_up``, ``/is_sleeping``, only served with ``VLLM_SERVER_DEV_MODE=1``) open
+whatever the key, so a local user can still put a sleep-capable engine to sleep: the health poller
+asks ``/is_sleeping`` too and reports a sleep or wake nobody here asked for (``SleepState``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -18,6 +27,7 @@ from dashboard.errors import EngineFailed
 
 READY_POLL_S = 0.1  # readiness must be seen within 0.2 s of the server coming up
 UNHEALTHY_AFTER = 3  # consecutive failed health checks before a serving engine counts as dead
+API_KEY_ENV = "VLLM_API_KEY"  # vLLM's --api-key from the environment (the sim reads it too)
 OUTPUT_CATCH_UP_S = 0.25  # after an exit, how long the output pump may take to read the last lines
 SLEEP_TIMEOUT_S = 120.0  # moving weights to host RAM and back takes seconds to minutes on big models
 
@@ -39,6 +49,11 @@ class Engine(ABC):
         self.started_at = time.time()
         self.last_output_at = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
+        # The catalog may name the key itself (``args = ["--api-key", ...]``): vLLM then takes that one.
+        self.secret: str | None = configured_api_key(spec.args) or secrets.token_urlsafe(32)
+        self.asleep: bool | None = None  # what /is_sleeping said last, or our own sleep/wake left
+        self._sleep_moving = False  # our own sleep or wake is under way
+        self._sleep_moves = 0
 
     @property
     def model_id(self) -> str:
@@ -47,6 +62,15 @@ class Engine(ABC):
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """What a request to the engine's OpenAI routes must carry: its secret (empty: an engine without one)."""
+        return {"Authorization": f"Bearer {self.secret}"} if self.secret else {}
+
+    def _running_secret(self) -> str | None:
+        """The secret of the engine found running (after a restart); the runtime reads it from the engine."""
+        return self.secret
 
     # What each runtime provides ---------------------------------------------------------------
     @property
@@ -98,6 +122,7 @@ class Engine(ABC):
         """Take over an engine started before a restart: True when it is alive and serving."""
         if not self.alive() or not await self.healthy():
             return False
+        self.secret = self._running_secret()  # ours from before the restart, or none if it was started without
         self.ready = True
         self._watch(from_start=False)
         return True
@@ -124,26 +149,43 @@ class Engine(ABC):
 
     async def healthy(self) -> bool:
         try:
-            async with httpx.AsyncClient(timeout=2.0) as client:
+            async with httpx.AsyncClient(timeout=2.0, headers=self.auth_headers) as client:
                 response = await client.get(f"{self.base_url}/health")
                 return response.status_code == 200
         except httpx.HTTPError:
             return False
 
     # vLLM's sleep protocol (needs --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1) ---------------
+    @contextlib.asynccontextmanager
+    async def _own_sleep_move(self) -> AsyncIterator[None]:
+        """While our own sleep or wake runs, what /is_sleeping says is not news (see ``_check_sleep_state``)."""
+        self._sleep_moving, self.asleep = True, None
+        try:
+            yield
+        finally:
+            self._sleep_moving = False
+            self._sleep_moves += 1
+
     async def sleep(self, level: int = 1) -> None:
         """Level 1 moves the weights to host RAM and drops the KV cache; the caller drains requests first."""
-        try:
-            async with httpx.AsyncClient(timeout=SLEEP_TIMEOUT_S) as client:
-                (await client.post(f"{self.base_url}/sleep", params={"level": level})).raise_for_status()
-        except httpx.HTTPError as exc:
-            raise EngineFailed(f"{self.spec.name} could not be put to sleep: {_reason(exc)}",
-                               model=self.model_id) from exc
+        async with self._own_sleep_move():
+            try:
+                async with httpx.AsyncClient(timeout=SLEEP_TIMEOUT_S, headers=self.auth_headers) as client:
+                    (await client.post(f"{self.base_url}/sleep", params={"level": level})).raise_for_status()
+            except httpx.HTTPError as exc:
+                raise EngineFailed(f"{self.spec.name} could not be put to sleep: {_reason(exc)}",
+                                   model=self.model_id) from exc
+            self.asleep = True
 
     async def wake(self) -> None:
         """Wake, then prove readiness: /health stays 200 while asleep, so ask /is_sleeping and send one token."""
+        async with self._own_sleep_move():
+            await self._wake()
+            self.asleep = False
+
+    async def _wake(self) -> None:
         try:
-            async with httpx.AsyncClient(timeout=SLEEP_TIMEOUT_S) as client:
+            async with httpx.AsyncClient(timeout=SLEEP_TIMEOUT_S, headers=self.auth_headers) as client:
                 (await client.post(f"{self.base_url}/wake_up")).raise_for_status()
                 response = await client.get(f"{self.base_url}/is_sleeping")
                 response.raise_for_status()
@@ -160,7 +202,7 @@ class Engine(ABC):
     async def is_sleeping(self) -> bool | None:
         """What the engine says about itself; None when it does not answer (or has no sleep mode)."""
         try:
-            async with httpx.AsyncClient(timeout=5.0) as client:
+            async with httpx.AsyncClient(timeout=5.0, headers=self.auth_headers) as client:
                 response = await client.get(f"{self.base_url}/is_sleeping")
         except httpx.HTTPError:
             return None
@@ -194,7 +236,7 @@ class Engine(ABC):
     async def _poll_health(self) -> None:
         failures = 0
         stalled = False
-        async with httpx.AsyncClient(timeout=2.0) as client:
+        async with httpx.AsyncClient(timeout=2.0, headers=self.auth_headers) as client:
             while True:
                 try:
                     ok = (await client.get(f"{self.base_url}/health")).status_code == 200
@@ -216,7 +258,23 @@ class Engine(ABC):
                 if failures == UNHEALTHY_AFTER:
                     self.queue.put_nowait(sig.EngineError(
                         f"health check failed {UNHEALTHY_AFTER} times in a row"))
+                if ok and self.spec.sleep:
+                    await self._check_sleep_state(client)
                 await asyncio.sleep(self.health_interval_s)
+
+    async def _check_sleep_state(self, client: httpx.AsyncClient) -> None:
+        """Report what /is_sleeping says when it changed without our asking (``SleepState``)."""
+        moves = self._sleep_moves
+        try:
+            response = await client.get(f"{self.base_url}/is_sleeping")
+        except httpx.HTTPError:
+            return
+        observed = _sleeping_flag(response) if response.status_code == 200 else None
+        if observed is None or self._sleep_moving or moves != self._sleep_moves:
+            return  # no answer, or our own sleep or wake ran meanwhile: its outcome is known already
+        if observed != self.asleep:
+            self.asleep = observed
+            self.queue.put_nowait(sig.SleepState(observed))
 
     async def _watch_exit(self) -> None:
         code = await self._wait_exit()
@@ -226,6 +284,17 @@ class Engine(ABC):
         with contextlib.suppress(TimeoutError):  # its last lines say why it died: read them, briefly
             await asyncio.wait_for(self._output_caught_up(), OUTPUT_CATCH_UP_S)
         self.queue.put_nowait(sig.Exited(code, meaningful_tail(self.tail)))
+
+
+def configured_api_key(args: tuple[str, ...] | list[str]) -> str | None:
+    """The value of ``--api-key`` among an engine's configured arguments, if there is one."""
+    args = list(args)
+    for i, arg in enumerate(args):
+        if arg == "--api-key" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--api-key="):
+            return arg.partition("=")[2]
+    return None
 
 
 def _sleeping_flag(response: httpx.Response) -> bool | None:

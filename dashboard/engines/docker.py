@@ -18,7 +18,7 @@ from docker.errors import DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest
 
 from dashboard.config import ModelSpec
-from dashboard.engines.base import Engine
+from dashboard.engines.base import API_KEY_ENV, Engine, configured_api_key
 from dashboard.engines.process import engine_args, instance_marker
 
 LABEL_MODEL = "smartswitch.model"
@@ -49,11 +49,13 @@ class DockerEngine(Engine):
     runtime = "docker"
 
     def __init__(self, spec: ModelSpec, port: int, *, instance: str, container_id: str | None = None,
-                 gpu_total_gb: float | None = None, **kwargs: float) -> None:
+                 gpu_total_gb: float | None = None, devices: tuple[int, ...] | None = None,
+                 **kwargs: float) -> None:
         super().__init__(spec, port, **kwargs)
         self.instance = instance_marker(instance)
         self.container_id = container_id
-        self.gpu_total_gb = gpu_total_gb
+        self.gpu_total_gb = gpu_total_gb  # memory of its devices together; set only for real GPUs
+        self.devices = devices
         self._container: Any = None
         self._exit_seen = False
         self._logs_ended = asyncio.Event()  # Docker ends the log stream once the container's output is all sent
@@ -80,31 +82,51 @@ class DockerEngine(Engine):
     async def _spawn(self) -> None:
         await asyncio.to_thread(self._run_container)
 
-    def _run_container(self) -> None:
-        client = docker_client()
+    def run_options(self) -> dict[str, Any]:
+        """What ``docker run`` is given for this engine (labels, loopback port, its GPUs)."""
         spec = self.spec
         # Inside the container the engine listens on all interfaces; the host side is 127.0.0.1 only.
-        args = engine_args(spec, self.port, host="0.0.0.0", gpu_total_gb=self.gpu_total_gb)
+        args = engine_args(spec, self.port, host="0.0.0.0", gpu_total_gb=self.gpu_total_gb, devices=self.devices)
         options: dict[str, Any] = {
             "command": args, "detach": True, "name": f"smartswitch-{spec.id}-{self.port}",
             "labels": self.labels(),
             "ports": {f"{self.port}/tcp": ("127.0.0.1", self.port)},
-            "environment": {**dict(spec.env), "PYTHONUNBUFFERED": "1"},
+            # The engine's secret last, so the catalog's env cannot replace it (see Engine.auth_headers).
+            "environment": {**dict(spec.env), "PYTHONUNBUFFERED": "1",
+                            **({API_KEY_ENV: self.secret} if self.secret else {})},
         }
         if spec.engine == "vllm" and spec.path:
             options["volumes"] = {spec.path: {"bind": spec.path, "mode": "ro"}}
         if self.gpu_total_gb:
-            options["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+            # Exactly its devices, by NVML index; inside, the runtime shows them as 0..n-1.
+            request = (DeviceRequest(device_ids=[str(d) for d in self.devices], capabilities=[["gpu"]])
+                       if self.devices else DeviceRequest(count=-1, capabilities=[["gpu"]]))
+            options["device_requests"] = [request]
             options["ipc_mode"] = "host"  # vLLM's workers share memory
+        return options
+
+    def _run_container(self) -> None:
+        client = docker_client()
+        spec = self.spec
+        options = self.run_options()
+        on_gpus = f" on GPU(s) {', '.join(map(str, self.devices))}" if self.devices and self.gpu_total_gb else ""
         try:
             client.images.get(spec.image)  # never pull implicitly: a switch must not start a download
-            self._container = client.containers.run(spec.image, **options)
+            container = client.containers.create(spec.image, **options)
         except ImageNotFound:
             raise DockerUnavailable(f"The image {spec.image!r} is not on this machine: pull or build it "
                                     f"(docker pull {spec.image}).") from None
         except DockerException as exc:
-            raise DockerUnavailable(f"Docker could not start {spec.id}: {exc}") from None
-        self.container_id = self._container.id
+            raise DockerUnavailable(f"Docker could not start {spec.id}{on_gpus}: {exc}") from None
+        try:
+            container.start()
+        except DockerException as exc:
+            # Created but never started (no GPU runtime, a port taken): nothing of it is left behind.
+            with contextlib.suppress(DockerException):
+                container.remove(force=True)
+            raise DockerUnavailable(f"Docker could not start {spec.id}{on_gpus}: {exc}") from None
+        self._container = container
+        self.container_id = container.id
 
     async def _output(self, from_start: bool) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
@@ -132,6 +154,14 @@ class DockerEngine(Engine):
     async def _output_caught_up(self) -> None:
         if self._exit_seen:  # while it runs the stream never ends: nothing to wait for
             await self._logs_ended.wait()
+
+    def _running_secret(self) -> str | None:
+        try:
+            env = self.container().attrs.get("Config", {}).get("Env") or []
+        except (NotFound, DockerUnavailable):
+            return configured_api_key(self.spec.args)
+        values = dict(item.partition("=")[::2] for item in env)
+        return values.get(API_KEY_ENV) or None
 
     def _state(self) -> dict[str, Any]:
         try:

@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 
 from dashboard.config import ModelSpec
-from dashboard.engines.base import Engine
+from dashboard.engines.base import API_KEY_ENV, Engine, configured_api_key
 
 log = logging.getLogger("smartswitch.engines")
 
@@ -48,8 +48,12 @@ def free_port() -> int:
 
 
 def engine_args(spec: ModelSpec, port: int, *, host: str = "127.0.0.1",
-                gpu_total_gb: float | None = None) -> list[str]:
-    """The engine's arguments (after its program): they name the model id, so ``ps`` tells engines apart."""
+                gpu_total_gb: float | None = None, devices: tuple[int, ...] | None = None) -> list[str]:
+    """The engine's arguments (after its program): they name the model id, so ``ps`` tells engines apart.
+
+    ``devices`` is the set it runs on (its size is the tensor-parallel size); ``gpu_total_gb`` is the memory
+    of those devices together (real GPUs only): vLLM takes the same share of each of them.
+    """
     if spec.engine == "sim":
         args = ["--model-id", spec.id, "--host", host, "--port", str(port), "--size-gb", f"{spec.size_gb:g}",
                 "--gpu-memory-gb", f"{spec.gpu_memory_gb:g}"]
@@ -57,10 +61,11 @@ def engine_args(spec: ModelSpec, port: int, *, host: str = "127.0.0.1",
             args.append("--sleep-mode")
         return [*args, *spec.args]
     args = ["--model", spec.path, "--served-model-name", spec.id, "--host", host, "--port", str(port)]
-    if spec.tensor_parallel_size > 1:
-        args += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+    tp = len(devices) if devices else spec.tensor_parallel_size
+    if tp > 1:
+        args += ["--tensor-parallel-size", str(tp)]
     if gpu_total_gb and "--gpu-memory-utilization" not in spec.args:
-        # vLLM takes a share of the whole GPU: give it exactly the planned footprint.
+        # vLLM takes a share of each device: its footprint's share of its devices is exactly that.
         share = min(spec.gpu_memory_gb / gpu_total_gb, 0.95)
         args += ["--gpu-memory-utilization", f"{share:.3f}"]
     if spec.sleep:
@@ -68,17 +73,27 @@ def engine_args(spec: ModelSpec, port: int, *, host: str = "127.0.0.1",
     return [*args, *spec.args]
 
 
-def engine_command(spec: ModelSpec, port: int, *, gpu_total_gb: float | None = None) -> list[str]:
+def engine_command(spec: ModelSpec, port: int, *, gpu_total_gb: float | None = None,
+                   devices: tuple[int, ...] | None = None) -> list[str]:
     """The local command line that serves ``spec`` on 127.0.0.1."""
     if spec.engine == "sim":
         program = [sys.executable, "-m", "dashboard.engines.sim"]
     else:
         program = [os.environ.get(VLLM_PYTHON_ENV, sys.executable), "-m", "vllm.entrypoints.openai.api_server"]
-    return [*program, *engine_args(spec, port, gpu_total_gb=gpu_total_gb)]
+    return [*program, *engine_args(spec, port, gpu_total_gb=gpu_total_gb, devices=devices)]
 
 
-def engine_env(spec: ModelSpec, extra: dict[str, str] | None = None, *, instance: str = "") -> dict[str, str]:
-    env = {**os.environ, **(extra or {}), **dict(spec.env), "PYTHONUNBUFFERED": "1"}
+def device_env(devices: tuple[int, ...] | None) -> dict[str, str]:
+    """The environment that confines an engine to ``devices`` (numbered as NVML numbers them)."""
+    if devices is None:
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in devices), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def engine_env(spec: ModelSpec, extra: dict[str, str] | None = None, *, instance: str = "",
+               devices: tuple[int, ...] | None = None) -> dict[str, str]:
+    # The placement comes after the catalog's env: a CUDA_VISIBLE_DEVICES there would undo the planner's.
+    env = {**os.environ, **(extra or {}), **dict(spec.env), **device_env(devices), "PYTHONUNBUFFERED": "1"}
     env.pop(INSTANCE_ENV, None)  # never pass on a marker this process inherited
     env.pop(MODEL_ENV, None)
     if spec.engine == "vllm":
@@ -89,6 +104,15 @@ def engine_env(spec: ModelSpec, extra: dict[str, str] | None = None, *, instance
     if marker:  # last, so no configured env can forge or drop it; workers inherit it
         env[INSTANCE_ENV] = marker
         env[MODEL_ENV] = spec.id
+    return env
+
+
+def with_secret(env: dict[str, str], secret: str | None) -> dict[str, str]:
+    """``env`` with the engine's secret as vLLM's key: in the environment, which only its user can read,
+    not in its arguments, which ``ps`` shows everyone."""
+    env = {k: v for k, v in env.items() if k != API_KEY_ENV}  # one this process inherited is not the engine's
+    if secret:
+        env[API_KEY_ENV] = secret
     return env
 
 
@@ -217,7 +241,8 @@ class ProcessEngine(Engine):
 
     def __init__(self, spec: ModelSpec, port: int, log_dir: Path, *, instance: str = "",
                  ref: str | None = None, command: list[str] | None = None, gpu_total_gb: float | None = None,
-                 env: dict[str, str] | None = None, pid: int | None = None, **kwargs: float) -> None:
+                 env: dict[str, str] | None = None, pid: int | None = None,
+                 devices: tuple[int, ...] | None = None, **kwargs: float) -> None:
         super().__init__(spec, port, **kwargs)
         if pid is not None:
             warnings.warn("ProcessEngine(pid=...) is deprecated: pass ref='pid@create_time'",
@@ -225,7 +250,8 @@ class ProcessEngine(Engine):
             ref = ref or str(pid)  # a bare pid confirms nothing: never adopted, never signalled
         self.instance = instance_marker(instance)
         self.env = env or {}
-        self.command = command or engine_command(spec, port, gpu_total_gb=gpu_total_gb)
+        self.devices = devices  # the GPUs it is confined to (None: not placed, e.g. adopted)
+        self.command = command or engine_command(spec, port, gpu_total_gb=gpu_total_gb, devices=devices)
         self.log_path = log_dir / f"{spec.id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._ref = ref or ""
@@ -242,11 +268,13 @@ class ProcessEngine(Engine):
 
     async def _spawn(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        # A log file, not a pipe: the engine keeps running (and logging) if we restart.
-        with open(self.log_path, "wb") as log_file:
+        # A log file, not a pipe: the engine keeps running (and logging) if we restart. Readable by its
+        # owner only (0600), as everything in the data dir.
+        with open(self.log_path, "wb", opener=lambda path, flags: os.open(path, flags, 0o600)) as log_file:
             self.proc = subprocess.Popen(self.command, stdout=log_file, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL,
-                                         env=engine_env(self.spec, self.env, instance=self.instance),
+                                         env=with_secret(engine_env(self.spec, self.env, instance=self.instance,
+                                                                    devices=self.devices), self.secret),
                                          start_new_session=True)
         try:
             created = psutil.Process(self.proc.pid).create_time()
@@ -293,6 +321,13 @@ class ProcessEngine(Engine):
         except (psutil.Error, OSError):
             return False
         return self.spec.id in args
+
+    def _running_secret(self) -> str | None:
+        leader = self._leader()
+        env = _environ(leader) if leader is not None else None
+        if env is None:  # cannot tell: the catalog's own key, if it names one
+            return configured_api_key(self.spec.args)
+        return env.get(API_KEY_ENV) or None
 
     def _own_child(self) -> bool:
         """Our child not yet reaped: its pid (and so its group id) cannot have been reused."""

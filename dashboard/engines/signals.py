@@ -93,6 +93,13 @@ class EngineError:
 
 
 @dataclass(frozen=True)
+class SleepState:
+    """``/is_sleeping`` changed without the orchestrator asking: someone slept or woke the engine directly."""
+
+    asleep: bool
+
+
+@dataclass(frozen=True)
 class Exited:
     """The engine process (or container) ended."""
 
@@ -120,6 +127,7 @@ EngineSignal = (
     | Milestone
     | Ready
     | EngineError
+    | SleepState
     | Exited
     | Stalled
 )

@@ -2,14 +2,23 @@
 
 Stdlib only (it also runs inside a minimal container). It refuses connections while "loading",
 prints vLLM-format log lines with real timing, then serves /health, /v1/models, /v1/chat/completions
-(replies are marked simulated) and, with --sleep-mode, /sleep, /wake_up and /is_sleeping.
+(replies are marked simulated) and, with --sleep-mode, /sleep, /wake_up and /is_sleeping. With
+--api-key (or VLLM_API_KEY) it guards the routes vLLM guards, as vLLM does: /v1/... answer 401 without
+``Authorization: Bearer KEY``; /health and the sleep routes stay open.
 Fault options make it exit, hang or run out of memory on purpose. ``--workers`` adds child processes
 in its process group that, like vLLM's EngineCore and workers, take their time to exit.
+
+With a virtual GPU's ledger (``SMARTSWITCH_VIRTUAL_GPU_DIR``) it books its footprint there, split evenly
+over the devices ``CUDA_VISIBLE_DEVICES`` names (device 0 without it), as a real engine would take it.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
+import hashlib
+import hmac
 import json
 import os
 import signal
@@ -24,8 +33,40 @@ from urllib.parse import parse_qs, urlparse
 
 GIB = 1024**3
 LEDGER_ENV = "SMARTSWITCH_VIRTUAL_GPU_DIR"  # the virtual GPU's ledger of memory held after exit
+API_KEY_ENV = "VLLM_API_KEY"
+GUARDED_PREFIX = ("/v1", "/v2", "/inference", "/cohere")  # vLLM's AuthenticationMiddleware guards these only
 STAGES = ("start", "weights", "kv_cache", "graphs")
 SHARES = {"start": 0.10, "weights": 0.60, "kv_cache": 0.15, "graphs": 0.15}
+SLEEP_RESIDUAL = 0.05  # what level-1 sleep leaves on the GPU (the planner assumes the same share)
+
+
+def visible_devices() -> tuple[int, ...]:
+    """The device indices ``CUDA_VISIBLE_DEVICES`` names (device 0 when unset or not plain indices)."""
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    indices = tuple(int(part) for part in raw.split(",") if part.strip().isdigit())
+    return indices or (0,)
+
+
+def book(model_id: str, gb: float, *, pid: int | None = None, held: bool = False) -> None:
+    """Book ``gb`` for process ``pid`` (this one) in the virtual GPU's ledger, split over our devices."""
+    ledger = os.environ.get(LEDGER_ENV)
+    if not ledger:
+        return
+    devices = visible_devices()
+    entry = {"model": model_id, "held": held, "devices": {str(d): gb / len(devices) for d in devices}}
+    path = os.path.join(ledger, str(pid or os.getpid()))
+    with contextlib.suppress(OSError):  # the ledger is bookkeeping: an engine never fails over it
+        # 0600: the ledger is in the server's data dir, where every file is its user's alone.
+        with open(path + ".tmp", "w", opener=lambda p, flags: os.open(p, flags, 0o600)) as file:
+            json.dump(entry, file)
+        os.replace(path + ".tmp", path)  # whole or not at all: the reader never sees half an entry
+
+
+def unbook() -> None:
+    ledger = os.environ.get(LEDGER_ENV)
+    if ledger:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(ledger, str(os.getpid())))
 
 
 class Log:
@@ -131,6 +172,16 @@ class SimState:
         self.args = args
         self.sleeping = False
         self.lock = threading.Lock()
+        # As vLLM: --api-key wins over VLLM_API_KEY; digests compared in constant time.
+        key = args.api_key or os.environ.get(API_KEY_ENV) or ""
+        self.key_digest = hashlib.sha256(key.encode()).digest() if key else None
+
+    def authorized(self, path: str, header: str | None) -> bool:
+        if self.key_digest is None or not path.startswith(GUARDED_PREFIX):
+            return True
+        scheme, _, token = (header or "").partition(" ")
+        return bool(header) and scheme.lower() == "bearer" and \
+            hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self.key_digest)
 
 
 def make_handler(state: SimState) -> type[BaseHTTPRequestHandler]:
@@ -155,8 +206,16 @@ def make_handler(state: SimState) -> type[BaseHTTPRequestHandler]:
         def error(self, status: int, message: str, kind: str = "BadRequestError") -> None:
             self.send_json(status, {"error": {"message": message, "type": kind, "code": status}})
 
+        def refuse_unauthorized(self, path: str) -> bool:
+            if state.authorized(path, self.headers.get("Authorization")):
+                return False
+            self.send_json(401, {"error": "Unauthorized"})
+            return True
+
         def do_GET(self) -> None:
             path = urlparse(self.path).path
+            if self.refuse_unauthorized(path):
+                return
             if path == "/health":
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
@@ -174,17 +233,21 @@ def make_handler(state: SimState) -> type[BaseHTTPRequestHandler]:
             url = urlparse(self.path)
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
+            if self.refuse_unauthorized(url.path):
+                return
             if url.path == "/v1/chat/completions":
                 self.chat(raw)
             elif url.path == "/sleep" and args.sleep_mode:
                 level = parse_qs(url.query).get("level", ["1"])[0]
                 time.sleep(0.3)
                 state.sleeping = True
+                book(args.model_id, args.gpu_memory_gb * SLEEP_RESIDUAL)
                 log(f"It took 0.30 seconds to fall asleep (level {level}).", where="gpu_worker.py:120")
                 self.send_json(200, {})
             elif url.path == "/wake_up" and args.sleep_mode:
                 time.sleep(0.3)
                 state.sleeping = False
+                book(args.model_id, args.gpu_memory_gb)
                 log("It took 0.30 seconds to wake up.", where="gpu_worker.py:150")
                 self.send_json(200, {})
             else:
@@ -215,6 +278,7 @@ def make_handler(state: SimState) -> type[BaseHTTPRequestHandler]:
                      "completion_tokens": len(words)}
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             if not body.get("stream"):
+                time.sleep(args.token_delay * len(words))  # the whole reply is generated before it is sent
                 self.send_json(200, {
                     "id": reply_id, "object": "chat.completion", "created": created, "model": args.model_id,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
@@ -234,7 +298,13 @@ def make_handler(state: SimState) -> type[BaseHTTPRequestHandler]:
             try:
                 chunk({"role": "assistant", "content": ""})
                 for i, word in enumerate(words):
-                    time.sleep(0.02)
+                    if i == args.die_mid_reply:
+                        log("EngineCore died in the middle of a reply.", proc="EngineCore", level="ERROR",
+                            where="core.py:1130")
+                        os._exit(1)
+                    while i == args.stall_reply_after:  # silent, connection open: only a read timeout notices
+                        time.sleep(3600)
+                    time.sleep(args.token_delay)
                     chunk({"content": word if i == 0 else " " + word})
                 chunk({}, "stop")
                 self.wfile.write(b"data: [DONE]\n\n")
@@ -260,7 +330,7 @@ def serve(args: argparse.Namespace) -> None:
     server.serve_forever(poll_interval=0.1)
 
 
-def hold_after_exit(gb: float, seconds: float) -> None:
+def hold_after_exit(model_id: str, gb: float, seconds: float) -> None:
     """Leave ``gb`` held for ``seconds`` by a process outside our group, as a leaked worker would."""
     ledger = os.environ.get(LEDGER_ENV)
     if not ledger or gb <= 0:
@@ -270,8 +340,7 @@ def hold_after_exit(gb: float, seconds: float) -> None:
     holder = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds!r})"],
                               start_new_session=True, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(os.path.join(ledger, str(holder.pid)), "w") as entry:
-        entry.write(f"{gb}")
+    book(model_id, gb, pid=holder.pid, held=True)
 
 
 def start_workers(count: int, term_delay_s: float) -> list[int]:
@@ -310,8 +379,9 @@ def run_worker(term_delay_s: float) -> NoReturn:
 def make_shutdown(args: argparse.Namespace) -> Callable[[int, Any], None]:
     def shutdown(signum: int, _frame: Any) -> None:
         log("[shutdown] API server: shutdown triggered", where="launcher.py:254")
+        unbook()
         if args.hold_memory_after_exit:
-            hold_after_exit(args.gpu_memory_gb, args.hold_memory_after_exit)
+            hold_after_exit(args.model_id, args.gpu_memory_gb, args.hold_memory_after_exit)
         log.raw("INFO:     Shutting down\nINFO:     Application shutdown complete.\n")
         os._exit(0)
     return shutdown
@@ -327,10 +397,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--load-seconds", type=float, default=5.0, help="time from start to server up")
     parser.add_argument("--shards", type=int, default=10)
     parser.add_argument("--sleep-mode", action="store_true", help="serve /sleep, /wake_up, /is_sleeping")
+    parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on {', '.join(GUARDED_PREFIX)} "
+                                          f"(default: {API_KEY_ENV}; as vLLM, /health and sleep routes stay open)")
     parser.add_argument("--fail-at", choices=STAGES, help="exit with an error at this stage")
     parser.add_argument("--hang-at", choices=STAGES, help="stop printing and never serve from this stage")
     parser.add_argument("--oom", action="store_true", help="run out of GPU memory while loading weights")
     parser.add_argument("--die-after-seconds", type=float, help="crash this long after serving")
+    parser.add_argument("--token-delay", type=float, default=0.02, metavar="SECONDS",
+                        help="time per generated word (a streamed reply sends one word per chunk)")
+    parser.add_argument("--stall-reply-after", type=int, metavar="N",
+                        help="a streamed reply stops after N words and hangs with the connection open")
+    parser.add_argument("--die-mid-reply", type=int, metavar="N",
+                        help="the engine exits after sending N words of a streamed reply")
     parser.add_argument("--hold-memory-after-exit", type=float, metavar="SECONDS",
                         help="on stop, leave the GPU memory held this long by a leaked process (virtual GPU)")
     parser.add_argument("--workers", type=int, default=0, metavar="N",
@@ -339,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="workers exit this long after SIGTERM or after the server died")
     args = parser.parse_args(argv)
     start_workers(args.workers, args.worker_term_delay)
+    book(args.model_id, args.gpu_memory_gb)
+    atexit.register(unbook)  # a start that fails on purpose exits through sys.exit
     shutdown = make_shutdown(args)
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)

@@ -1,11 +1,11 @@
-"""GPU memory from NVML (pynvml): totals over all devices, per-process usage attributed to models."""
+"""GPU memory from NVML (pynvml): each device's memory and its processes' usage attributed to models."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from dashboard.gpu.base import EngineMemory, GpuReading
+from dashboard.gpu.base import DeviceReading, EngineMemory, GpuReading, combined
 
 GB = 1e9
 
@@ -21,26 +21,29 @@ class NvmlGpu:
         count = nvml.nvmlDeviceGetCount()
         if count == 0:
             raise RuntimeError("NVML found no GPU")
+        # Indices as NVML counts them, which is what CUDA_VISIBLE_DEVICES and Docker's device ids name
+        # (with CUDA_DEVICE_ORDER=PCI_BUS_ID, which engines are started with).
         self.handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-        names = [nvml.nvmlDeviceGetName(h) for h in self.handles]
-        self.name = ", ".join(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+        self.names = [_text(nvml.nvmlDeviceGetName(h)) for h in self.handles]
+        self.name = combined(self.source, [DeviceReading(i, 0, 0, name=n) for i, n in enumerate(self.names)]).name
 
     def read(self, engines: Sequence[EngineMemory]) -> GpuReading:
-        total = used = 0
-        by_pid: dict[int, int] = {}
-        for handle in self.handles:
+        owner = {pid: engine.model_id for engine in engines for pid in engine.pids}
+        devices = []
+        for index, handle in enumerate(self.handles):
             info = self.nvml.nvmlDeviceGetMemoryInfo(handle)
-            total += info.total
-            used += info.used
+            per_model: dict[str, float] = {}
             for proc in self.nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                model_id = owner.get(proc.pid)
                 # usedGpuMemory is None where the driver hides it (e.g. inside containers).
-                by_pid[proc.pid] = by_pid.get(proc.pid, 0) + (proc.usedGpuMemory or 0)
-        per_model = {}
-        for engine in engines:
-            owned = sum(by_pid.get(pid, 0) for pid in engine.pids)
-            if owned:
-                per_model[engine.model_id] = owned / GB
-        return GpuReading(self.source, total / GB, used / GB, per_model, self.name)
+                if model_id is not None and proc.usedGpuMemory:
+                    per_model[model_id] = per_model.get(model_id, 0.0) + proc.usedGpuMemory / GB
+            devices.append(DeviceReading(index, info.total / GB, info.used / GB, per_model, self.names[index]))
+        return combined(self.source, devices, self.name)
+
+
+def _text(name: bytes | str) -> str:
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def find_nvml_gpu() -> NvmlGpu | None:

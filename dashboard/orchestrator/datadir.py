@@ -25,23 +25,90 @@ log = logging.getLogger(__name__)
 LOCK_FILE = "server.lock"
 HOLDER_FILE = "server.json"
 HOLDER_WAIT_S = 1.0  # how long to wait for a fresh holder to write who it is
+# Folders the server writes into: engine logs, and the virtual GPU's ledger of memory held after a stop.
+PRIVATE_DIRS = ("logs", "virtual-gpu")
+KEY_FILE = "api-key"  # the generated API key
+KEY_SALT_FILE = "key-salt"  # the salt of the audit log's key ids
+# Checked, never silently tightened: one that others could read is refused (it may have been read).
+SECRET_FILES = frozenset({KEY_FILE, KEY_SALT_FILE})
+SECRET_BYTES = 32
 
 
 def prepare_data_dir(path: Path) -> Path:
     """Create the data dir private to its user (0700), and make an existing one of ours private.
 
-    It holds the API key and the audit log: nobody else on the machine has business reading it.
+    It holds the API key, secrets, the audit log and engine logs: nobody else on the machine has
+    business reading any of it. Its folders are made 0700 and the files already in them 0600, so a
+    data dir from an older version (or one a umask left open) is private from this start on.
     """
     path = Path(path).expanduser()
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = path.stat()
-        if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o077:
-            path.chmod(stat.S_IMODE(info.st_mode) & 0o700)
+        _make_private(path, 0o700, follow=True)  # the data dir may be a link to where it really is
+        for name in PRIVATE_DIRS:
+            folder = path / name
+            folder.mkdir(mode=0o700, exist_ok=True)
+            _make_private(folder, 0o700)
+        for folder in (path, *(path / name for name in PRIVATE_DIRS)):
+            for entry in folder.iterdir():
+                if entry.is_file() and not entry.is_symlink() and entry.name not in SECRET_FILES:
+                    _make_private(entry, 0o600)
     except OSError as exc:
         raise DataDirError(f"Cannot use data dir {path}: {exc.strerror or exc}. "
                            "Pass --data-dir DIR for a directory this user can write.", data_dir=str(path)) from exc
     return path
+
+
+def _make_private(path: Path, mode: int, follow: bool = False) -> None:
+    """Take group and other permissions away from ``path`` if this user owns it (never widens)."""
+    info = path.stat() if follow else path.lstat()
+    if info.st_uid == os.geteuid() and not stat.S_ISLNK(info.st_mode) and stat.S_IMODE(info.st_mode) & ~mode:
+        path.chmod(stat.S_IMODE(info.st_mode) & mode)
+
+
+def read_or_create_secret(path: Path) -> bytes:
+    """A random secret kept in ``path`` (0600), made on first use; ``DataDirError`` when it is unusable.
+
+    Refused rather than used when others can read it, or it is not ours: a secret others may have
+    read is no secret.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise DataDirError(f"Cannot create {path}: {exc.strerror or exc}.", path=str(path)) from exc
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(os.urandom(SECRET_BYTES).hex() + "\n")
+    check_private_file(path)
+    try:
+        secret = bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise DataDirError(f"{path} is not a secret this server wrote ({exc}). Delete it to have a new one "
+                           "made.", path=str(path)) from exc
+    if len(secret) < SECRET_BYTES // 2:
+        raise DataDirError(f"{path} holds a secret too short to trust. Delete it to have a new one made.",
+                           path=str(path))
+    return secret
+
+
+def check_private_file(path: Path) -> None:
+    """Raise ``DataDirError`` unless ``path`` is a regular file of this user that others cannot read."""
+    try:
+        info = path.lstat()
+    except OSError as exc:
+        raise DataDirError(f"Cannot read {path}: {exc.strerror or exc}.", path=str(path)) from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise DataDirError(f"{path} is not a regular file (a link or a folder?): remove it.", path=str(path))
+    if info.st_uid != os.geteuid():
+        raise DataDirError(f"{path} belongs to another user (uid {info.st_uid}): remove it, or use a data dir "
+                           "of your own.", path=str(path))
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise DataDirError(f"{path} is readable by others (mode {mode:04o}), so it may no longer be secret. "
+                           f"Run `chmod 600 {path}` if you are sure nobody read it, or delete it to have a new "
+                           "one made.", path=str(path), mode=f"{mode:04o}")
 
 
 def write_private(path: Path, text: str) -> None:

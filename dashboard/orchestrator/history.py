@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS loads (
     bytes_total INTEGER, weights_s REAL);
 CREATE TABLE IF NOT EXISTS measured_memory (
     model_id TEXT PRIMARY KEY, gpu_gb REAL NOT NULL, source TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS measured_by_devices (
+    model_id TEXT NOT NULL, devices INTEGER NOT NULL, gpu_gb REAL NOT NULL, source TEXT NOT NULL,
+    at REAL NOT NULL, PRIMARY KEY (model_id, devices));
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
     action TEXT NOT NULL, target TEXT, outcome TEXT NOT NULL, detail TEXT);
@@ -84,6 +87,7 @@ class History:
         self.retry_for_s = retry_for_s
         self.write_failures = 0
         self.last_write_error: str | None = None
+        self.loads_recorded = 0  # successful loads recorded by this process: what is learned from them changed
         self.on_write_error: Callable[[str], None] | None = None
         self._writer = open_checked(self.path)
         self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
@@ -229,6 +233,8 @@ class History:
                     bytes_total: int | None = None) -> None:
         now = time.time()
         durations = dict(durations)
+        if outcome == "success":
+            self.loads_recorded += 1
 
         def write(db: sqlite3.Connection) -> None:
             db.execute("INSERT INTO loads VALUES (?, ?, ?, ?, ?, ?)",
@@ -272,6 +278,30 @@ class History:
         total_bytes, seconds = rows[0]
         return (total_bytes / 1e9) / seconds if total_bytes and seconds else None
 
+    def load_samples(self, limit: int = 500) -> list[tuple[str, int | None, dict[str, float]]]:
+        """The last ``limit`` successful loads of any model, oldest first: (model id, checkpoint bytes, seconds
+        per load phase). What the box learns its read rate and its engines' start costs from."""
+        rows = self._rows("SELECT l.model_id, l.at, l.bytes_total, p.phase, p.seconds FROM "
+                          "(SELECT model_id, at, bytes_total FROM loads WHERE outcome = 'success' "
+                          " ORDER BY at DESC LIMIT ?) l "
+                          "JOIN phase_durations p ON p.model_id = l.model_id AND p.at = l.at ORDER BY l.at", (limit,))
+        loads: dict[tuple[str, float], tuple[str, int | None, dict[str, float]]] = {}
+        for model_id, at, bytes_total, phase, seconds in rows:
+            loads.setdefault((model_id, at), (model_id, bytes_total, {}))[2][phase] = seconds
+        return list(loads.values())
+
+    def asks(self, since: float,
+             actions: tuple[str, ...] = ("switch", "load", "wake")) -> list[tuple[str, str, str, float]]:
+        """What people asked for since ``since`` (epoch seconds), oldest first: (action, model, actor, at).
+
+        Requests refused or rate limited are left out (the same person asks again), and so is what the
+        orchestrator and the pre-warmer did on their own."""
+        marks = ", ".join("?" for _ in actions)
+        rows = self._rows(f"SELECT action, target, actor, at FROM audit WHERE at >= ? AND action IN ({marks}) "
+                          "AND target IS NOT NULL AND actor NOT IN ('orchestrator', 'prewarm') "
+                          "AND outcome NOT IN ('refused', 'rate_limited') ORDER BY id", (since, *actions))
+        return [(action, target, actor, at) for action, target, actor, at in rows]
+
     def loads(self, limit: int = 200) -> list[dict[str, Any]]:
         rows = self._rows("SELECT model_id, at, total_s, outcome FROM loads ORDER BY at DESC LIMIT ?",
                           (limit,))
@@ -283,13 +313,34 @@ class History:
         return {m: {"at": at, "total_s": t, "outcome": o} for m, at, t, o in rows}
 
     # Measured memory --------------------------------------------------------------------------
-    def record_memory(self, model_id: str, gpu_gb: float, source: str) -> None:
-        row = (model_id, gpu_gb, source, time.time())
-        self._submit(f"measured memory of {model_id}",
-                     lambda db: db.execute("INSERT OR REPLACE INTO measured_memory VALUES (?, ?, ?, ?)", row))
+    def record_memory(self, model_id: str, gpu_gb: float, source: str, *, devices: int = 1) -> None:
+        """A model's whole footprint, measured on ``devices`` GPUs (each has its own overhead: a footprint
+        measured on one count says little about another)."""
+        now = time.time()
 
-    def measured_memory(self) -> dict[str, float]:
-        return {m: gb for m, gb in self._rows("SELECT model_id, gpu_gb FROM measured_memory")}
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO measured_memory VALUES (?, ?, ?, ?)", (model_id, gpu_gb, source, now))
+            db.execute("INSERT OR REPLACE INTO measured_by_devices VALUES (?, ?, ?, ?, ?)",
+                       (model_id, devices, gpu_gb, source, now))
+        self._submit(f"measured memory of {model_id}", write)
+
+    def measured_memory(self, devices: dict[str, int] | None = None) -> dict[str, float]:
+        """Each model's measured footprint: the latest one, or with ``devices`` (model -> its device count)
+        the one measured on that count; a model measured before counts were kept keeps its old figure."""
+        latest = {m: gb for m, gb in self._rows("SELECT model_id, gpu_gb FROM measured_memory")}
+        if devices is None:
+            return latest
+        by_count: dict[str, dict[int, float]] = {}
+        for model_id, count, gb in self._rows("SELECT model_id, devices, gpu_gb FROM measured_by_devices"):
+            by_count.setdefault(model_id, {})[count] = gb
+        found = {}
+        for model_id, count in devices.items():
+            if model_id in by_count:
+                if count in by_count[model_id]:
+                    found[model_id] = by_count[model_id][count]
+            elif model_id in latest:
+                found[model_id] = latest[model_id]
+        return found
 
     # Audit log --------------------------------------------------------------------------------
     def audit(self, actor: str, action: str, target: str | None, outcome: str,

@@ -13,10 +13,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
+from dashboard.api.ratelimit import RateLimiter
 from dashboard.config import Config, ModelSpec
 from dashboard.engines.base import Engine
 from dashboard.errors import OperationInProgress, UnknownModel
@@ -25,19 +26,29 @@ from dashboard.gpu.base import EngineMemory, GpuMonitor, GpuReading
 from dashboard.orchestrator.history import History
 from dashboard.orchestrator.manager import ModelManager
 from dashboard.orchestrator.operations import CANCELLABLE, Operation, OpKind, supersedes
-from dashboard.orchestrator.planner import LoadedModel, Plan, plan
-from dashboard.orchestrator.progress import PHASE_TEXT, expected_durations
+from dashboard.orchestrator.planner import Device, LoadedModel, Plan, place
+from dashboard.orchestrator.prewarm import Prewarmer
+from dashboard.orchestrator.progress import PHASE_TEXT, BoxProfile, LoadSample, expected_durations, learn_box
 from dashboard.orchestrator.recovery import Recovery
 from dashboard.orchestrator.snapshot import build_snapshot
 from dashboard.orchestrator.states import ModelState, ModelStatus, check_transition
 from dashboard.orchestrator.supervision import Supervision
 from dashboard.orchestrator.switching import Switching
+from dashboard.orchestrator.traffic import Traffic
 
 log = logging.getLogger("smartswitch.orchestrator")
 
-EngineFactory = Callable[[ModelSpec, int | None, str | None], Engine]
+
+class EngineFactory(Protocol):
+    """Makes a model's engine: a new one on ``devices`` (``port``, ``ref`` None), or one to adopt."""
+
+    def __call__(self, spec: ModelSpec, port: int | None, ref: str | None,
+                 devices: tuple[int, ...] | None = None) -> Engine: ...
+
+
 Sweep = Callable[[set[str]], list[str]]
 DESIRED_KEY = "desired_state"
+PLACEMENT_KEY = "placement:"  # + model id: the devices its engine was started on, for adoption after a restart
 GPU_REFRESH_S = 1.0
 
 
@@ -59,10 +70,14 @@ class Orchestrator(Supervision, Switching, ModelManager, Recovery):
         self.closing = False
         self.listeners: set[Callable[[Event], None]] = set()
         self.last_switch_error: dict[str, Any] | None = None
-        self.waiting: dict[str, int] = {}
-        self.inflight: dict[str, int] = {}  # proxied requests per model, drained before a sleep
+        self.traffic = Traffic()  # chat requests: in flight, draining, queued
+        self.limiter = RateLimiter(config.server.switches_per_minute)  # engine starts per actor
+        self.listeners.add(self.on_traffic_event)
         self.reading = GpuReading(gpu.source, 0.0, 0.0)
         self._expected: dict[str, dict[str, float]] = {}
+        self._learned_at = -1  # the history's load count the estimates were made at
+        self._box: BoxProfile | None = None
+        self.prewarmer = Prewarmer(self)
         self._snapshot: dict[str, Any] = {}
         self._slot_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
@@ -80,13 +95,16 @@ class Orchestrator(Supervision, Switching, ModelManager, Recovery):
         # A history write that gave up after its retries shows in the status at once.
         self.history.on_write_error = lambda _message: loop.call_soon_threadsafe(self.changed)
         await self.recover()
+        self.settle_placement()
         await self.refresh_gpu()
         self.changed()
         self._refresher = self.spawn(self._refresh_loop(), "gpu-refresh")
+        self.prewarmer.start()
 
     async def shutdown(self, stop_engines: bool = True) -> None:
         """End the running operation without restoring anything, then stop (or let go of) every engine."""
         self.closing = True
+        self.kick_queue()  # queued requests end now, with the reason
         async with self._slot_lock:
             if self.op is not None:
                 self.op.restore = False
@@ -136,14 +154,18 @@ class Orchestrator(Supervision, Switching, ModelManager, Recovery):
         self.changed()
 
     # The operation slot -----------------------------------------------------------------------
-    async def begin(self, op: Operation, body: Callable[[Operation], Awaitable[Any]]) -> Operation:
-        """Take the slot for ``op`` (superseding or refused by the running one) and start its body."""
+    async def begin(self, op: Operation, body: Callable[[Operation], Awaitable[Any]], *,
+                    only_if_free: bool = False) -> Operation:
+        """Take the slot for ``op`` (superseding or refused by the running one) and start its body;
+        ``only_if_free``: never supersede, return the running operation instead."""
         async with self._slot_lock:
             running = self.op
             if running is not None and running.running:
                 if (op.kind is OpKind.SWITCH and running.kind is OpKind.SWITCH and running.target == op.target
                         and not running.cancelling):
                     return running  # the same request twice joins the switch already under way
+                if only_if_free and not self.closing:
+                    return running  # a switch for queued requests waits for the slot instead
                 if not supersedes(op.kind, running.kind) or self.closing:
                     self.refuse(op, running)
                 running.superseded_by, running.restore = op.target, False
@@ -167,10 +189,15 @@ class Orchestrator(Supervision, Switching, ModelManager, Recovery):
         raise OperationInProgress(message, operation=running.kind.value, target_model=running.target)
 
     async def check_slot(self, op: Operation) -> None:
-        """For instant operations (pin): refused while another one runs, else done on the spot."""
+        """For instant operations (pin): refused while another one runs (a pre-warm gives way), else done on
+        the spot."""
         async with self._slot_lock:
-            if self.op is not None and self.op.running:
-                self.refuse(op, self.op)
+            running = self.op
+            if running is not None and running.running:
+                if not supersedes(op.kind, running.kind) or self.closing:
+                    self.refuse(op, running)
+                running.superseded_by, running.restore = op.target, False
+                await self.end_operation(running)
 
     async def _run(self, op: Operation, body: Callable[[Operation], Awaitable[Any]]) -> Any:
         try:
@@ -233,19 +260,62 @@ class Orchestrator(Supervision, Switching, ModelManager, Recovery):
     def active_model(self) -> str | None:
         return self.active
 
-    def plan(self, target: str) -> Plan:
+    def plan(self, target: str, *, allow_unload: bool | None = None) -> Plan:
+        """Where ``target`` would go and what would be unloaded for it (``allow_unload=False``: only where
+        it fits now); nothing is changed."""
         state = self.check_model(target)
         loaded = [LoadedModel(mid, self.reading.per_model.get(mid, s.declared_gb), s.last_used,
-                              can_sleep=s.spec.sleep and s.status is ModelStatus.RUNNING, host_gb=s.spec.size_gb)
+                              can_sleep=s.spec.sleep and s.status is ModelStatus.RUNNING, host_gb=s.spec.size_gb,
+                              devices=self.devices_of(s))
                   for mid, s in self.models.items() if s.engine is not None and mid != target]
         if state.engine is not None and state.status in (ModelStatus.RUNNING, ModelStatus.LOADING):
-            loaded.append(LoadedModel(target, state.declared_gb, state.last_used))
-        # A sleeping target already holds its residual; waking needs only the rest.
-        required = state.required_gb - (state.declared_gb if state.status is ModelStatus.SLEEPING else 0.0)
-        # Memory held by processes that are not ours counts as used and cannot be freed.
-        return plan(loaded, self.reading.free_gb, target, required,
-                    strategy=self.config.switching.strategy, pinned=self.pinned,
-                    allow_unload=self.config.switching.auto_unload, host_free_gb=self.host_free_gb())
+            loaded.append(LoadedModel(target, state.declared_gb, state.last_used, devices=self.devices_of(state)))
+        sleeping = state.status is ModelStatus.SLEEPING and state.engine is not None
+        # A sleeping target already holds its residual where it sleeps; waking needs only the rest, there.
+        required = state.required_gb - (state.declared_gb if sleeping else 0.0)
+        # Memory held by processes that are not ours counts as used on its device and cannot be freed.
+        devices = [Device(d.index, d.free_gb) for d in self.reading.by_device()]
+        return place(loaded, devices, target, required, tp=state.spec.tensor_parallel_size,
+                     gpus=self.devices_of(state) if sleeping else state.spec.gpus,
+                     strategy=self.config.switching.strategy, pinned=self.pinned,
+                     allow_unload=self.config.switching.auto_unload if allow_unload is None else allow_unload,
+                     host_free_gb=self.host_free_gb())
+
+    # Placement --------------------------------------------------------------------------------
+    def devices_of(self, state: ModelState) -> tuple[int, ...]:
+        """Where a model's engine sits: its placement, else where the GPU sees it, else its pinned or first set."""
+        return (state.devices or self.reading.models_on().get(state.id) or state.spec.gpus
+                or tuple(range(state.spec.tensor_parallel_size)))
+
+    def placement_for(self, state: ModelState) -> tuple[int, ...]:
+        """The devices to start ``state`` on now: the plan's set where it fits, else the emptiest devices."""
+        the_plan = self.plan(state.id, allow_unload=False)
+        if the_plan.feasible and the_plan.gpus:
+            return the_plan.gpus
+        if state.spec.gpus is not None:
+            return state.spec.gpus
+        emptiest = sorted(self.reading.by_device(), key=lambda d: (-d.free_gb, d.index))
+        return tuple(sorted(d.index for d in emptiest[:state.spec.tensor_parallel_size]))
+
+    def remember_placement(self, state: ModelState, devices: tuple[int, ...]) -> None:
+        state.placement = devices
+        self.history.set_json(PLACEMENT_KEY + state.id, list(devices))
+
+    def settle_placement(self) -> None:
+        """After recovery: adopted engines get the devices they were started on (else where they are seen),
+        and each model the footprint measured at its own device count."""
+        counts = {mid: s.spec.tensor_parallel_size for mid, s in self.models.items()}
+        measured = self.history.measured_memory(counts)
+        for mid, state in self.models.items():
+            state.measured_gb = measured.get(mid)
+            if state.engine is None:
+                continue
+            remembered = self.history.get_json(PLACEMENT_KEY + mid)
+            if isinstance(remembered, list) and remembered and all(isinstance(d, int) for d in remembered):
+                state.placement = tuple(remembered)
+            else:
+                state.placement = self.devices_of(state)
+            log.info("%s: adopted on GPU(s) %s", mid, ", ".join(map(str, state.placement)))
 
     def host_free_gb(self) -> float:
         """Host RAM left for sleeping models' weights: the configured budget, else what is available."""
@@ -256,11 +326,23 @@ class Orchestrator(Supervision, Switching, ModelManager, Recovery):
         return psutil.virtual_memory().available / 1e9
 
     def expected(self, model_id: str) -> dict[str, float]:
+        """Seconds per load phase: this model's history, else what every load on this box taught."""
+        if self.history.loads_recorded != self._learned_at:  # any load teaches every never-loaded model
+            self._expected, self._learned_at, self._box = {}, self.history.loads_recorded, None
         if model_id not in self._expected:
             spec = self.models[model_id].spec
             self._expected[model_id] = expected_durations(
-                self.history.phase_history(model_id), spec.size_gb, self.history.throughput_gbps())
+                self.history.phase_history(model_id), spec.size_gb, self.box_profile(), spec.engine,
+                spec.tensor_parallel_size)
         return self._expected[model_id]
+
+    def box_profile(self) -> BoxProfile:
+        """The disk's read rate and each engine kind's start costs, from every recent load on this box."""
+        if self._box is None:
+            kinds = {mid: (s.spec.engine, s.spec.tensor_parallel_size) for mid, s in self.models.items()}
+            self._box = learn_box([LoadSample(*kinds[m], phases, size)
+                                   for m, size, phases in self.history.load_samples() if m in kinds])
+        return self._box
 
     # GPU memory (read off the loop: NVML and process scans take milliseconds) ----------------
     async def refresh_gpu(self) -> None:
@@ -268,8 +350,8 @@ class Orchestrator(Supervision, Switching, ModelManager, Recovery):
         nvml = self.gpu.source == "nvml"
 
         def read() -> GpuReading:
-            return self.gpu.read([EngineMemory(mid, s.engine.pids() if nvml and s.engine else (), s.declared_gb)
-                                  for mid, s in holders])
+            return self.gpu.read([EngineMemory(mid, s.engine.pids() if nvml and s.engine else (), s.declared_gb,
+                                               s.devices) for mid, s in holders])
         self.reading = await asyncio.to_thread(read)
 
     async def refresh_and_publish(self) -> None:
@@ -279,9 +361,9 @@ class Orchestrator(Supervision, Switching, ModelManager, Recovery):
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(GPU_REFRESH_S)
-            before = (self.reading.used_gb, self.reading.per_model)
+            before = self.reading
             await self.refresh_gpu()
-            if (self.reading.used_gb, self.reading.per_model) != before:
+            if self.reading != before:  # totals, each model's share, or any device's figures
                 self.changed()
 
     # Events out -------------------------------------------------------------------------------
@@ -300,8 +382,9 @@ class Orchestrator(Supervision, Switching, ModelManager, Recovery):
         failures = getattr(self.history, "last_write_error", None)
         return build_snapshot(self.config, self.models, self.reading, active=self.active, op=self.op,
                               pinned=self.pinned, expected_s=lambda mid: sum(self.expected(mid).values()),
-                              last_switch_error=self.last_switch_error, waiting=self.waiting,
-                              bookkeeping_error=failures)
+                              last_switch_error=self.last_switch_error, queue=self.traffic.by_model(),
+                              bookkeeping_error=failures, warm=self.prewarmer.warm_models(),
+                              prewarm=self.prewarmer.status())
 
     def stage(self, op: Operation, stage: str, message: str) -> None:
         op.stage = stage

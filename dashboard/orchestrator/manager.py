@@ -1,7 +1,8 @@
-"""Model manager actions (load, unload, sleep, wake, pin) and the chat requests' bookkeeping.
+"""Model manager actions: load, unload, sleep, wake, pin.
 
 Each action takes the operation slot: while another operation runs it is refused with a 409 that
 names it (a person's switch may supersede a load; the load then answers that it was superseded).
+A model is drained before it is stopped or put to sleep (``traffic``: the chat requests' gate).
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from typing import TYPE_CHECKING
 from dashboard.errors import Conflict, EngineFailed, InsufficientMemory, ModelNotRunning, SmartswitchError
 from dashboard.orchestrator.operations import Operation, OpKind
 from dashboard.orchestrator.states import ModelState, ModelStatus
+from dashboard.orchestrator.traffic import TrafficControl
 
 if TYPE_CHECKING:
     from dashboard.orchestrator.machine import Orchestrator
 
 log = logging.getLogger("smartswitch.orchestrator")
-DRAIN_TIMEOUT_S = 30.0
-DRAIN_POLL_S = 0.05
 S = ModelStatus
 
 
@@ -29,7 +29,7 @@ class Superseded(Conflict):
     code = "superseded"
 
 
-class ModelManager:
+class ModelManager(TrafficControl):
     """Mixed into ``Orchestrator``: one model at a time, on a person's request."""
 
     async def _manage(self: Orchestrator, kind: OpKind, model_id: str, actor: str,
@@ -128,16 +128,16 @@ class ModelManager:
 
     # Sleep and wake (the engine speaks the protocol; here: drain, status, memory) -------------
     async def sleep_engine(self: Orchestrator, state: ModelState, cause: str) -> None:
-        """Level-1 sleep (weights to host RAM), after the requests in flight have finished."""
-        assert state.engine is not None
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        while self.inflight.get(state.id, 0) > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(DRAIN_POLL_S)  # sleeping with requests in flight has crashed engines
-        if self.inflight.get(state.id, 0) > 0:
-            log.warning("%s: %d request(s) still in flight after %.0f s; putting it to sleep anyway",
-                        state.id, self.inflight[state.id], DRAIN_TIMEOUT_S)
-        await state.engine.sleep(1)
-        self.transition(state, S.SLEEPING, cause)
+        """Level-1 sleep (weights to host RAM), once drained: sleeping with requests in flight has crashed
+        engines. An engine that exited meanwhile is left to supervision (it is failed, its memory free)."""
+        try:
+            await self.drain(state, cause, to_sleep=True)
+            if state.engine is None:
+                return
+            await state.engine.sleep(1)
+            self.transition(state, S.SLEEPING, cause)
+        finally:
+            self.end_drain([state.id])
         await self.refresh_gpu()
         self.changed()
 
@@ -157,34 +157,6 @@ class ModelManager:
             self.active = state.id
         await self.refresh_gpu()
         self.changed()
-
-    # Chat requests ----------------------------------------------------------------------------
-    async def ensure_running(self: Orchestrator, model_id: str, actor: str) -> None:
-        """Switch to ``model_id`` if needed and wait for it (requests queue visibly meanwhile)."""
-        state = self.check_model(model_id)
-        if state.status is S.RUNNING:
-            return
-        self.waiting[model_id] = self.waiting.get(model_id, 0) + 1
-        self.changed()
-        try:
-            op = self.op
-            if op is None or op.kind is not OpKind.SWITCH or op.target != model_id:
-                await self.switch(model_id, actor)
-            op = self.op
-            if op is not None and op.task is not None:
-                await asyncio.wait({op.task})
-            if state.status is not S.RUNNING:
-                raise ModelNotRunning(f"{state.spec.name} could not be started: {state.error or 'cancelled'}",
-                                      requested_model=model_id)
-        finally:
-            self.waiting[model_id] -= 1
-            self.changed()
-
-    def request_started(self: Orchestrator, model_id: str) -> None:
-        self.inflight[model_id] = self.inflight.get(model_id, 0) + 1
-
-    def request_finished(self: Orchestrator, model_id: str) -> None:
-        self.inflight[model_id] = max(self.inflight.get(model_id, 0) - 1, 0)
 
 
 VERB_ING: dict[OpKind, str] = {OpKind.LOAD: "Loading", OpKind.UNLOAD: "Unloading", OpKind.SLEEP: "Putting to sleep",

@@ -26,14 +26,18 @@ class OpKind(StrEnum):
     PIN = "pin"
     UNPIN = "unpin"
     SHUTDOWN = "shutdown"
+    PREWARM = "prewarm"  # the orchestrator's own load of the model most likely asked next (``prewarm.py``)
 
 
 # The running operations a new one replaces (a person's switch wins over a switch, a load started from
 # the model manager and a rollback: all three only bring a model up, and the new plan starts from
 # what is loaded when it begins). Everything else that collides is refused.
+# A pre-warm gives way to anything a person asks, at once: it only ever uses room nobody asked for.
 SUPERSEDES: dict[OpKind, frozenset[OpKind]] = {
-    OpKind.SWITCH: frozenset({OpKind.SWITCH, OpKind.ROLLBACK, OpKind.LOAD}),
+    OpKind.SWITCH: frozenset({OpKind.SWITCH, OpKind.ROLLBACK, OpKind.LOAD, OpKind.PREWARM}),
     OpKind.SHUTDOWN: frozenset(OpKind),
+    **{kind: frozenset({OpKind.PREWARM}) for kind in (OpKind.ROLLBACK, OpKind.LOAD, OpKind.UNLOAD, OpKind.SLEEP,
+                                                       OpKind.WAKE, OpKind.PIN, OpKind.UNPIN)},
 }
 # Operations that a cancel request ends (the others take a second or two and cannot be undone halfway).
 CANCELLABLE = frozenset({OpKind.SWITCH, OpKind.ROLLBACK, OpKind.LOAD})
@@ -42,7 +46,8 @@ WITH_PROGRESS = frozenset({OpKind.SWITCH, OpKind.ROLLBACK})
 
 VERB = {OpKind.SWITCH: "A switch to", OpKind.ROLLBACK: "Restoring", OpKind.LOAD: "Loading",
         OpKind.UNLOAD: "Unloading", OpKind.SLEEP: "Putting to sleep", OpKind.WAKE: "Waking",
-        OpKind.PIN: "Pinning", OpKind.UNPIN: "Unpinning", OpKind.SHUTDOWN: "Shutting down"}
+        OpKind.PIN: "Pinning", OpKind.UNPIN: "Unpinning", OpKind.SHUTDOWN: "Shutting down",
+        OpKind.PREWARM: "Pre-warming"}
 
 
 def supersedes(new: OpKind, running: OpKind) -> bool:

@@ -12,7 +12,7 @@ from dashboard.orchestrator.states import ModelState, ModelStatus
 
 
 def model_entry(state: ModelState, reading: GpuReading, pinned: bool, expected_s: float,
-                op: Operation | None) -> dict[str, Any]:
+                op: Operation | None, warm: bool = False) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "id": state.id,
         "name": state.spec.name,
@@ -22,11 +22,14 @@ def model_entry(state: ModelState, reading: GpuReading, pinned: bool, expected_s
         "load_progress": 100 if state.status is ModelStatus.RUNNING else 0,
         "estimated_load_time_seconds": round(expected_s, 1),
         "pinned": pinned,
+        "warm": warm,  # pre-warmed (loaded or woken before anyone asked) and not used by a person yet
         "sleep_capable": state.spec.sleep,
         "engine": state.spec.engine,
         "runtime": state.spec.runtime,
         "error": state.error,
         "last_used": state.last_used or None,
+        "tensor_parallel_size": state.spec.tensor_parallel_size,
+        "gpus": list(state.devices),  # the devices it occupies now ([] when it has no engine)
     }
     if state.engine is not None:
         entry["gpu_memory_used_gb"] = round(reading.per_model.get(state.id, state.declared_gb), 2)
@@ -55,18 +58,28 @@ def operation_entry(op: Operation) -> dict[str, Any]:
     }
 
 
+def device_entries(reading: GpuReading) -> list[dict[str, Any]]:
+    """Each device with what each model holds on it (one entry on a one-device box)."""
+    return [{"index": d.index, "name": d.name or reading.name, "total_gb": round(d.total_gb, 2),
+             "used_gb": round(d.used_gb, 2), "free_gb": round(d.free_gb, 2),
+             "models": {m: round(gb, 2) for m, gb in d.per_model.items()}}
+            for d in reading.by_device()]
+
+
 def build_snapshot(config: Config, models: Mapping[str, ModelState], reading: GpuReading, *,
                    active: str | None, op: Operation | None, pinned: Collection[str],
                    expected_s: Callable[[str], float], last_switch_error: dict[str, Any] | None,
-                   waiting: Mapping[str, int], bookkeeping_error: str | None) -> dict[str, Any]:
+                   queue: Mapping[str, dict[str, Any]], bookkeeping_error: str | None,
+                   warm: Collection[str] = (), prewarm: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a client shows; the shape is the API's contract (DESIGN.md)."""
     return {
-        "models": {mid: model_entry(state, reading, mid in pinned, expected_s(mid), op)
+        "models": {mid: model_entry(state, reading, mid in pinned, expected_s(mid), op, mid in warm)
                    for mid, state in models.items()},
         "gpu": {"total_memory_gb": round(reading.total_gb, 2), "used_memory_gb": round(reading.used_gb, 2),
                 "available_memory_gb": round(reading.free_gb, 2),
                 "per_model_gb": {k: round(v, 2) for k, v in reading.per_model.items()},
                 "name": reading.name},
+        "devices": device_entries(reading),
         "source": reading.source,
         "active_model": active,
         # The banner's operation: a switch, or the rollback that follows a failed or cancelled one.
@@ -74,8 +87,11 @@ def build_snapshot(config: Config, models: Mapping[str, ModelState], reading: Gp
         "operation": None if op is None else {"kind": op.kind.value, "target_model": op.target,
                                               "actor": op.actor, "started_at": op.started_at},
         "last_switch_error": last_switch_error,
-        "request_queue": {mid: n for mid, n in waiting.items() if n},
+        # Chat requests waiting for their model (``switch_on_request``): how many, and the oldest's wait.
+        "request_queue": {mid: entry["waiting"] for mid, entry in queue.items()},
+        "request_queue_detail": dict(queue),
         "strategy": config.switching.strategy,
         "confirm_before_unload": config.switching.confirm_before_unload,
         "bookkeeping_error": bookkeeping_error,
+        "prewarm": prewarm,  # the pre-warmer: enabled, what it does or why not (None: not part of this server)
     }

@@ -43,9 +43,11 @@ TRANSITIONS: dict[ModelStatus, dict[ModelStatus, str]] = {
     S.RUNNING: {
         S.LOADING: "engine: ready (health 200 and /v1/models, or awake and a 1-token probe answered)",
         S.STOPPED: "recovery: an engine from before a restart is adopted",
+        S.SLEEPING: "engine: found awake by the health poller (woken outside smartswitch)",
     },
     S.SLEEPING: {
-        S.RUNNING: "switch (planned victim), sleep: drained, then level-1 sleep",
+        S.RUNNING: "switch (planned victim), sleep: drained, then level-1 sleep; engine: found asleep by the "
+                   "health poller (put to sleep outside smartswitch)",
         S.STOPPED: "recovery: an engine from before a restart is adopted asleep",
     },
     S.UNLOADING: {
@@ -93,10 +95,16 @@ class ModelState:
     signal_gb: dict[str, float] = field(default_factory=dict)
     measured_gb: float | None = None
     last_used: float = 0.0
+    placement: tuple[int, ...] = ()  # the device set its engine was started on (set with the engine)
 
     @property
     def id(self) -> str:
         return self.spec.id
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        """The devices it occupies now: its placement while it has an engine, none once that is gone."""
+        return self.placement if self.engine is not None else ()
 
     @property
     def required_gb(self) -> float:

@@ -30,9 +30,14 @@ S = ModelStatus
 class Supervision:
     """Mixed into ``Orchestrator``: the engine side of the state machine."""
 
-    async def start_engine(self: Orchestrator, state: ModelState, op: Operation | None, cause: str) -> None:
-        """Start the model's engine and wait until it is ready; raises EngineFailed (the model is then failed)."""
-        engine = self.engine_factory(state.spec, None, None)
+    async def start_engine(self: Orchestrator, state: ModelState, op: Operation | None, cause: str,
+                           devices: tuple[int, ...] | None = None) -> None:
+        """Start the model's engine on ``devices`` (the plan's set; else placed where it fits now) and wait
+        until it is ready; raises EngineFailed (the model is then failed)."""
+        devices = devices or self.placement_for(state)
+        log.info("%s: starting on GPU(s) %s (%s)", state.id, ", ".join(map(str, devices)), cause)
+        engine = self.engine_factory(state.spec, None, None, devices)
+        self.remember_placement(state, devices)
         self.transition(state, S.LOADING, cause)
         state.engine, state.fatal_lines, state.signal_gb = engine, [], {}
         state.ready = asyncio.get_running_loop().create_future()
@@ -62,11 +67,19 @@ class Supervision:
         ready.result()
 
     async def stop_engine(self: Orchestrator, state: ModelState, cause: str) -> None:
-        """Stop the model's engine gracefully (TERM, then KILL after ``stop_timeout_s``); it ends stopped."""
+        """Drain the model (no new requests; those in flight finish, for up to ``drain_timeout_s``), then stop
+        its engine gracefully (TERM, then KILL after ``stop_timeout_s``); it ends stopped."""
+        if state.status is S.RUNNING and state.engine is not None and not state.stopping:
+            try:  # still running while it drains: called off (superseded), it simply goes on serving
+                await self.drain(state, cause)
+            except BaseException:
+                self.end_drain([state.id])
+                raise
         engine = state.engine
         if engine is None or state.stopping:
             while state.stopping:  # someone else is stopping it: wait for that
                 await asyncio.sleep(0.05)
+            self.end_drain([state.id])
             return
         state.stopping = True
         try:
@@ -77,6 +90,7 @@ class Supervision:
         finally:
             self._forget(state)
             state.stopping = False
+            self.end_drain([state.id])
         if state.status is S.UNLOADING:
             self.transition(state, S.STOPPED, "engine stopped")
         await self.refresh_gpu()
@@ -147,6 +161,8 @@ class Supervision:
             case sig.Ready():
                 if state.status is S.LOADING:
                     self._became_ready(state)
+            case sig.SleepState(asleep=asleep):
+                self._sleep_state_seen(state, engine, asleep)
             case sig.Stalled(seconds=seconds):
                 self._fail_load(state, EngineFailed(f"{state.spec.name} stalled: no output for {seconds:g} s.",
                                                     error="engine_stalled"))
@@ -176,6 +192,28 @@ class Supervision:
         self.changed()
         self.audit("orchestrator", "engine_exit", state.id, "failed", {"returncode": code, "message": why})
 
+    def _sleep_state_seen(self: Orchestrator, state: ModelState, engine: Engine, asleep: bool) -> None:
+        """The engine slept or woke without our asking (vLLM's sleep routes take no key): show what is true."""
+        if asleep and state.status is S.RUNNING:
+            log.warning("%s: its engine is asleep, though nobody here put it to sleep", state.id)
+            self.transition(state, S.SLEEPING, "engine: found asleep (put to sleep outside smartswitch)")
+        elif not asleep and state.status is S.SLEEPING:
+            if self.op is not None and self.op.running:
+                # An operation may be about to wake it itself: ask again once the slot is free.
+                engine.asleep = None
+                return
+            log.warning("%s: its engine is awake, though nobody here woke it", state.id)
+            state.last_used = time.time()
+            self.transition(state, S.RUNNING, "engine: found awake (woken outside smartswitch)")
+            if self.active is None:
+                self.active = state.id
+                self.save_desired()
+        else:
+            return  # what we show already
+        self.audit("orchestrator", "engine_asleep" if asleep else "engine_awake", state.id, "detected",
+                   {"message": "changed outside smartswitch (its sleep routes are open on 127.0.0.1)"})
+        self.spawn(self.refresh_and_publish(), "gpu-refresh-after-sleep-change")
+
     def _fail_load(self: Orchestrator, state: ModelState, exc: EngineFailed) -> None:
         if state.ready is not None and not state.ready.done():
             state.ready.set_exception(exc)
@@ -187,7 +225,7 @@ class Supervision:
             measured, source = sum(state.signal_gb.values()) or None, "engine_logs"
         if measured:
             state.measured_gb = round(measured, 1)
-            self.history.record_memory(state.id, state.measured_gb, source)
+            self.history.record_memory(state.id, state.measured_gb, source, devices=len(state.devices) or 1)
         self.transition(state, S.RUNNING, "engine ready")
         if self.active is None:
             self.active = state.id

@@ -31,11 +31,13 @@ S = ModelStatus
 class Switching:
     """Mixed into ``Orchestrator``: switch, cancel, rollback."""
 
-    async def switch(self: Orchestrator, target: str, actor: str) -> str:
-        """Start a switch to ``target`` (superseding a running switch, load or rollback); returns its id."""
+    async def switch(self: Orchestrator, target: str, actor: str, *, only_if_free: bool = False) -> str:
+        """Start a switch to ``target`` (superseding a running switch, load or rollback); returns its id.
+        ``only_if_free`` (a switch for queued requests): with the slot busy, nothing starts and the running
+        operation's id is returned."""
         self.check_model(target)
         op = Operation(OpKind.SWITCH, target, actor)
-        running = await self.begin(op, self._switch_body)
+        running = await self.begin(op, self._switch_body, only_if_free=only_if_free)
         if running is op:
             op.from_model = self.active  # read inside the slot: what a cancel must bring back
             self.save_desired()
@@ -87,6 +89,7 @@ class Switching:
                               {"required_gb": round(the_plan.required_gb, 2),
                                "available_gb": round(the_plan.free_gb_before, 2),
                                "can_free_gb": round(the_plan.can_free_gb, 2),
+                               "gpus": list(the_plan.gpus),
                                "suggestions": self._smaller_fits(the_plan)})
         expected = dict(self.expected(target.id))
         if the_plan.unload:
@@ -104,7 +107,7 @@ class Switching:
         self.stage(op, "loading_target", f"Loading {target.spec.name}")
         op.progress.enter("starting", time.monotonic())
         op.loading = target.id
-        await self.start_engine(target, op, "switch")
+        await self.start_engine(target, op, "switch", the_plan.gpus)
         durations = op.progress.finish(time.monotonic())
         load_durations = {p: s for p, s in durations.items() if p in LOAD_PHASES}
         self.history.record_load(target.id, load_durations, sum(load_durations.values()), "success",
@@ -119,36 +122,47 @@ class Switching:
         names = ", ".join(self.models[m].spec.name + (" (to sleep)" if m in the_plan.sleep else "")
                           for m in the_plan.unload)
         self.stage(op, "unloading_models", f"Unloading {names}")
-        for victim in the_plan.unload:
-            state = self.models[victim]
-            started = time.monotonic()
-            op.unloaded.append(victim)  # before the stop: a cancel mid-stop must still restore it
-            self.save_desired()  # a crash from here on restores it at the next start
-            if victim in the_plan.sleep:
-                await self.sleep_engine(state, "switch")
-            else:
-                await self.stop_engine(state, "switch")
-                self.history.record_load(victim, {"stopping": time.monotonic() - started}, 0, "unloaded")
-            self.tick(op)
-        await self._await_memory(op, the_plan.required_gb)
+        # Every victim stops taking requests now, so each one's drain below waits only for what it has.
+        self.begin_drain(list(the_plan.unload))
+        try:
+            for victim in the_plan.unload:
+                state = self.models[victim]
+                started = time.monotonic()
+                op.unloaded.append(victim)  # before the stop: a cancel mid-stop must still restore it
+                self.save_desired()  # a crash from here on restores it at the next start
+                if victim in the_plan.sleep:
+                    await self.sleep_engine(state, "switch")
+                else:
+                    await self.stop_engine(state, "switch")
+                    self.history.record_load(victim, {"stopping": time.monotonic() - started}, 0, "unloaded")
+                self.tick(op)
+        finally:  # called off midway: the victims not reached serve again
+            self.end_drain(list(the_plan.unload))
+        await self._await_memory(op, the_plan)
 
     def _smaller_fits(self: Orchestrator, the_plan: Plan) -> list[str]:
-        reachable = the_plan.free_gb_before + the_plan.can_free_gb
+        """Models that would fit (by their own plans: a footprint may fit the sum and no device set)."""
         return [s.id for s in sorted(self.models.values(), key=lambda s: -s.required_gb)
-                if s.id != the_plan.target and s.required_gb <= reachable]
+                if s.id != the_plan.target and self.plan(s.id).feasible]
 
-    async def _await_memory(self: Orchestrator, op: Operation, required_gb: float) -> None:
-        """After a stop, wait until the GPU has really given the memory back."""
+    async def _await_memory(self: Orchestrator, op: Operation, the_plan: Plan) -> None:
+        """After a stop, wait until each device of the target's set has really given the memory back."""
         deadline = time.monotonic() + self.config.switching.memory_release_timeout_s
+        need = the_plan.required_per_device_gb
         while True:
             await self.refresh_gpu()
-            free = self.reading.free_gb
-            if free + 1e-6 >= required_gb:
+            short = [(d, free) for d in the_plan.gpus
+                     if (free := device.free_gb if (device := self.reading.device(d)) else 0.0) + 1e-6 < need]
+            if not short:
                 return
+            if len(self.reading.by_device()) == 1:
+                what = f"{short[0][1]:.1f} GB free, {need:g} GB needed"
+            else:
+                what = "; ".join(f"GPU {d}: {free:.1f} GB free, {need:g} GB needed" for d, free in short)
             if time.monotonic() > deadline:
-                raise EngineFailed(f"GPU memory was not released: {free:.1f} GB free, {required_gb:g} GB "
-                                   "needed after unloading.", error="memory_not_released")
-            self.tick(op, f"Waiting for GPU memory to be released ({free:.1f} GB free, {required_gb:g} GB needed)")
+                raise EngineFailed(f"GPU memory was not released: {what} after unloading.",
+                                   error="memory_not_released")
+            self.tick(op, f"Waiting for GPU memory to be released ({what})")
             await asyncio.sleep(MEMORY_POLL_S)
 
     # Endings ----------------------------------------------------------------------------------
@@ -304,10 +318,13 @@ class Switching:
             if state.engine is not None:
                 await self.discard_engine(state)
             await self.refresh_gpu()
-            if self.reading.free_gb + 1e-6 < state.required_gb:
-                return f"needs {state.required_gb:g} GB, {self.reading.free_gb:.1f} GB free"
+            room = self.plan(model_id, allow_unload=False)  # a rollback never unloads anything
+            if not room.feasible:
+                if len(self.reading.by_device()) == 1:
+                    return f"needs {state.required_gb:g} GB, {self.reading.free_gb:.1f} GB free"
+                return room.reason
             op.progress.enter("starting", time.monotonic())
-            await self.start_engine(state, op, "rollback")
+            await self.start_engine(state, op, "rollback", room.gpus)
             return None
         except EngineFailed as exc:
             return exc.message

@@ -10,6 +10,8 @@ import panel as pn
 import param
 from panel.io.state import set_curdoc
 
+from dashboard.client import ApiError
+from dashboard.errors import SmartswitchError
 from dashboard.events import Event, StageEvent, StatusEvent, is_terminal
 from dashboard.orchestrator.states import ModelStatus
 from dashboard.ui.activity import ActivityLog
@@ -42,7 +44,7 @@ class Dashboard(pn.viewable.Viewer):
         self.confirm = ConfirmSwitch(on_confirm=self.start_switch)
         self.selector = ModelSelector(state=self.state, on_pick=self.pick)
         self.banner = SwitchBanner(state=self.state, on_cancel=self.cancel)
-        self.chat = ChatPanel(state=self.state, target=backend.chat_target)
+        self.chat = ChatPanel(state=self.state, target=backend.chat, actor=self.actor)
         self.manager = ModelManager(state=self.state, act=self.act, load_history=backend.load_history)
         self.activity = ActivityLog(state=self.state, audit_log=backend.audit_log)
         self.gauge = GpuGauge(state=self.state)
@@ -96,7 +98,12 @@ class Dashboard(pn.viewable.Viewer):
 
     async def start_switch(self, model_id: str) -> None:
         self.state.selected_model = model_id
-        await asyncio.to_thread(self.backend.switch, model_id, self.actor)
+        try:
+            await asyncio.to_thread(self.backend.switch, model_id, self.actor)
+        except (SmartswitchError, ApiError) as exc:  # refused (switches per minute, shutting down): say so
+            if pn.state.notifications is not None:
+                pn.state.notifications.warning(exc.message, duration=8000)
+            log.info("switch to %s by %s refused: %s", model_id, self.actor, exc.message)
         self.refresh_soon()
 
     async def cancel(self) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from dashboard.client import SmartswitchClient
 from dashboard.events import Event
 from dashboard.orchestrator.core import OrchestratorPort
+from dashboard.ui.chat import stream_reply
 
 
 class LocalBackend:
@@ -47,9 +48,14 @@ class LocalBackend:
         """Events as they happen (called on the orchestrator's thread); None where unsupported."""
         return self.port.subscribe(callback)
 
-    def chat_target(self, model_id: str) -> tuple[str, dict[str, str]]:
-        endpoint = self.status()["models"][model_id].get("endpoint")
-        return f"{endpoint}/v1/chat/completions", {}
+    async def chat(self, model_id: str, messages: list[dict[str, str]], actor: str) -> AsyncIterator[str]:
+        """The reply as it grows, through the same gate as the API's: counted on its model (refused when it
+        does not serve), and ended with the reason when a drain cuts it or the engine fails."""
+        async with self.port.lease(model_id, actor) as lease:
+            async for text in stream_reply(f"{lease.endpoint}/v1/chat/completions", lease.headers, model_id,
+                                           messages, guard=lease.guard,
+                                           stall_s=self.port.config.switching.stall_timeout_s):
+                yield text
 
 
 class RemoteBackend:
@@ -85,6 +91,9 @@ class RemoteBackend:
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None] | None:
         return None  # polling only: one SSE connection per session is not worth it
 
-    def chat_target(self, model_id: str) -> tuple[str, dict[str, str]]:
+    async def chat(self, model_id: str, messages: list[dict[str, str]], actor: str) -> AsyncIterator[str]:
+        """Through the server's proxy, which gates it (the request is its API key's)."""
         http = self.client.http
-        return f"{http.base_url}/v1/chat/completions", dict(http.headers)
+        async for text in stream_reply(f"{http.base_url}/v1/chat/completions", dict(http.headers), model_id,
+                                       messages):
+            yield text

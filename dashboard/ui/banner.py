@@ -110,11 +110,21 @@ class ConfirmSwitch(pn.viewable.Viewer):
         p = self.plan
         if not p:
             return ""
-        unload = ", ".join(p.get("unload_names") or p["unload"]) or "nothing"
+        names = dict(zip(p["unload"], p.get("unload_names") or p["unload"], strict=False))
+        by_device = p.get("unload_by_device") or {}
+        if len(p.get("gpus") or []) and (by_device or len(p["gpus"]) > 1 or p["gpus"] != [0]):
+            # On a box with several GPUs the plan names where the model goes and what leaves each device.
+            where = ", ".join(f"GPU {i}" for i in p["gpus"])
+            unload = "; ".join(f"GPU {d}: " + ", ".join(names.get(m, m) for m in ms)
+                               for d, ms in sorted(by_device.items(), key=lambda kv: int(kv[0])) if ms) or "nothing"
+            placement = f"<div>Goes on: {where}</div>"
+        else:
+            unload = ", ".join(names.values()) or "nothing"
+            placement = ""
         extra = f"<div>{p['note']}</div>" if p.get("note") else ""
         return (
             f"<div class='confirm-plan'><b>Switch to {p.get('target_name', p['target_model'])}?</b>"
-            f"<div>Unloads: {unload}</div>"
+            f"{placement}<div>Unloads: {unload}</div>"
             f"<div>GPU memory free: {p['available_gb']:.1f} GB now, {p['free_gb_after']:.1f} GB after</div>"
             f"<div>About {p['estimated_load_time_seconds']:.0f} s to load</div>{extra}</div>")
 

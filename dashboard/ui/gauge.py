@@ -41,36 +41,57 @@ class GpuGauge(pn.viewable.Viewer):
         update_bokeh(self._plot, update)
 
     @param.depends("state.gpu_used_gb", "state.gpu_total_gb", "state.per_model_gb", "state.gpu_source",
-                   "state.models")
+                   "state.models", "state.devices")
     def _bar(self) -> str:
         s = self.state
-        total = s.gpu_total_gb or 1.0
         ids = [m["id"] for m in sorted(s.models, key=lambda m: m["id"])]
-        segments = "".join(
-            f"<div class='share' title='{s.name_of(mid)}: {gb:.1f} GB' style='width:{100 * gb / total:.2f}%;"
-            f"background:{model_colour(ids, mid)}'></div>" for mid, gb in s.per_model_gb.items())
-        legend = "".join(
-            f"<div><span class='dot' style='background:{model_colour(ids, mid)}'></span>"
-            f"{s.name_of(mid)} <b>{gb:.1f} GB</b></div>" for mid, gb in s.per_model_gb.items())
-        other = max(s.gpu_used_gb - sum(s.per_model_gb.values()), 0.0)
-        if other > 0.05:
-            segments += f"<div class='share' style='width:{100 * other / total:.2f}%;background:#bdbdbd'></div>"
-            legend += f"<div><span class='dot' style='background:#bdbdbd'></span>Other processes {other:.1f} GB</div>"
         free = max(s.gpu_total_gb - s.gpu_used_gb, 0.0)
         source = "NVML" if s.gpu_source == "nvml" else "virtual GPU (configured size)"
-        device = f" · {s.gpu_name}" if s.gpu_name and s.gpu_source == "nvml" else ""
+        name = f" · {s.gpu_name}" if s.gpu_name and s.gpu_source == "nvml" else ""
+        if len(s.devices) > 1:  # one compact bar per device, each model's share on the device it occupies
+            bars = "".join(self._device_row(ids, d) for d in s.devices)
+            shown = {mid for d in s.devices for mid in d.get("models", {})}
+        else:
+            bars = f"<div class='gauge'>{self._shares(ids, s.per_model_gb, s.gpu_used_gb, s.gpu_total_gb)}</div>"
+            shown = set(s.per_model_gb)
+        legend = "".join(
+            f"<div><span class='dot' style='background:{model_colour(ids, mid)}'></span>"
+            f"{s.name_of(mid)} <b>{s.per_model_gb.get(mid, 0.0):.1f} GB</b></div>" for mid in sorted(shown))
+        other = max(s.gpu_used_gb - sum(s.per_model_gb.values()), 0.0)
+        if other > 0.05:
+            legend += f"<div><span class='dot' style='background:#bdbdbd'></span>Other processes {other:.1f} GB</div>"
+        count = f" on {len(s.devices)} GPUs" if len(s.devices) > 1 else ""
         return f"""
 <style>
 .gauge {{ display:flex; height:22px; border:1px solid #999; border-radius:4px; overflow:hidden; background:#f5f5f5 }}
+.device .gauge {{ height:14px; flex:1 }} .device {{ display:flex; align-items:center; gap:6px; font-size:11px;
+  margin:2px 0 }} .device .label {{ width:38px; color:#444 }} .device .figures {{ width:92px; text-align:right }}
 .share {{ height:100% }} .dot {{ display:inline-block; width:10px; height:10px; border-radius:5px; margin-right:5px }}
 .gpu-legend {{ font-size: 12px; margin-top: 4px }}
 </style>
 <div class='gpu-gauge'>
-<div class='gpu-figures'><b>{s.gpu_used_gb:.1f} / {s.gpu_total_gb:.1f} GB</b> used · {free:.1f} GB free</div>
-<div class='gauge'>{segments}</div>
+<div class='gpu-figures'><b>{s.gpu_used_gb:.1f} / {s.gpu_total_gb:.1f} GB</b> used{count} · {free:.1f} GB free</div>
+{bars}
 <div class='gpu-legend'>{legend}</div>
-<div class='gpu-source' style='font-size:11px;color:#666'>Source: {source}{device}</div>
+<div class='gpu-source' style='font-size:11px;color:#666'>Source: {source}{name}</div>
 </div>"""
+
+    def _shares(self, ids: list[str], per_model: dict[str, float], used: float, total: float) -> str:
+        total = total or 1.0
+        segments = "".join(
+            f"<div class='share' title='{self.state.name_of(mid)}: {gb:.1f} GB' style='width:{100 * gb / total:.2f}%;"
+            f"background:{model_colour(ids, mid)}'></div>" for mid, gb in per_model.items())
+        other = max(used - sum(per_model.values()), 0.0)
+        if other > 0.05:  # memory no model of ours accounts for: other processes, or held after a stop
+            segments += (f"<div class='share' title='Other processes: {other:.1f} GB' "
+                         f"style='width:{100 * other / total:.2f}%;background:#bdbdbd'></div>")
+        return segments
+
+    def _device_row(self, ids: list[str], device: dict[str, Any]) -> str:
+        shares = self._shares(ids, device.get("models", {}), device["used_gb"], device["total_gb"])
+        return (f"<div class='device' data-index='{device['index']}' title='{device.get('name', '')}'>"
+                f"<span class='label'>GPU {device['index']}</span><div class='gauge'>{shares}</div>"
+                f"<span class='figures'>{device['used_gb']:.0f} / {device['total_gb']:.0f} GB</span></div>")
 
     def __panel__(self) -> pn.viewable.Viewable:
         # A pane bound to a method returning text is updated in place, not replaced.

@@ -50,6 +50,7 @@ class DashboardState(param.Parameterized):
     gpu_source = param.String(default="virtual", doc="nvml or virtual.")
     gpu_name = param.String(default="", doc="Device name(s).")
     per_model_gb = param.Dict(default={}, doc="GPU memory held by each loaded model.")
+    devices = param.List(default=[], doc="Per device: index, name, total_gb, used_gb, free_gb, models {id: GB}.")
     memory_history = param.List(default=[], doc="(unix time, used GB) samples for the plot.")
 
     chat_locked = param.Boolean(default=True, doc="The chat input is disabled.")
@@ -78,6 +79,7 @@ class DashboardState(param.Parameterized):
             "gpu_source": snapshot.get("source", "virtual"),
             "gpu_name": gpu.get("name", ""),
             "per_model_gb": gpu.get("per_model_gb", {}),
+            "devices": snapshot.get("devices") or [],
             "memory_history": history,
             "error": snapshot.get("last_switch_error"),
             "confirm_before_unload": bool(snapshot.get("confirm_before_unload")),

@@ -173,4 +173,4 @@ def test_sigterm_while_a_model_loads_stops_every_engine_without_a_traceback(tmp_
     assert "Traceback" not in log
     on_the_way_out = log.split("slow: stopped -> loading", 1)[1]
     assert "-> loading" not in on_the_way_out and "rollback" not in on_the_way_out  # nothing started
-    wait_for(lambda: not sim_processes(), timeout=5, message="no engine left behind, workers included")
+    wait_for(lambda: not sim_processes(server.data_dir), timeout=5, message="no engine left behind, workers included")

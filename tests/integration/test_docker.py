@@ -4,12 +4,17 @@ builds `smartswitch-sim:latest`, a stand-in for vllm/vllm-openai that runs the s
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import docker
 import pytest
 
-from dashboard.engines.docker import LABEL_INSTANCE, LABEL_MODEL
+from dashboard.config import ModelSpec, parse_config
+from dashboard.engines.docker import LABEL_INSTANCE, LABEL_MODEL, DockerEngine
+from dashboard.engines.process import free_port
 from dashboard.events import CompleteEvent, ErrorEvent, ProgressEvent, StageEvent, SwitchEvent
+from dashboard.gpu.nvml import NvmlGpu
+from dashboard.orchestrator.core import OrchestratorPort
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.docker
@@ -131,3 +136,65 @@ def test_docker_daemon_down_is_a_clear_error(client, make_port, monkeypatch, tmp
     assert isinstance(final, ErrorEvent)
     assert "Docker daemon is not reachable" in final.message
     assert port.status()["models"]["box-a"]["status"] == "failed"
+
+
+# GPUs: the device request names exactly the planned devices ------------------------------------------------
+GB = 10**9
+
+
+class FourGpuNvml:
+    """NVML as a 4 × 80 GB box answers it; GPUs 0 and 1 are mostly taken by processes that are not ours."""
+
+    def nvmlInit(self) -> None: ...
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 4
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetName(self, handle: int) -> str:
+        return "NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
+        used = [70, 70, 0, 0][handle] * GB
+        return SimpleNamespace(total=80 * GB, used=used, free=80 * GB - used)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[SimpleNamespace]:
+        return []
+
+
+WIDE = ModelSpec(id="wide", name="Wide-120B", size_gb=10, gpu_memory_gb=120, runtime="docker",
+                 image="smartswitch-sim:latest", tensor_parallel_size=2)
+
+
+def test_the_container_requests_exactly_its_devices(client, tmp_path) -> None:
+    engine = DockerEngine(WIDE, free_port(), instance=str(tmp_path), gpu_total_gb=160, devices=(2, 3))
+    # Created, not started: this daemon may have no GPU runtime; what it records is what was asked.
+    container = client.containers.create(WIDE.image, **engine.run_options())
+    try:
+        host = container.attrs["HostConfig"]
+    finally:
+        container.remove(force=True)
+    assert host["DeviceRequests"] == [{"Driver": "", "Count": 0, "DeviceIDs": ["2", "3"],
+                                       "Capabilities": [["gpu"]], "Options": {}}]
+    assert host["IpcMode"] == "host"
+
+
+def test_a_switch_on_a_gpu_box_asks_docker_for_the_planned_pair(client, tmp_path) -> None:
+    if "nvidia" in (client.info().get("Runtimes") or {}):
+        pytest.skip("this daemon has the NVIDIA runtime: the container would really start")
+    config = parse_config('[gpu]\nsource = "nvml"\n\n[models.wide]\nname = "Wide-120B"\nruntime = "docker"\n'
+                          'image = "smartswitch-sim:latest"\nsize_gb = 10\ngpu_memory_gb = 120\n'
+                          "tensor_parallel_size = 2\n", "gpu.toml")
+    port = OrchestratorPort(config, data_dir=tmp_path / "data", gpu=NvmlGpu(FourGpuNvml())).start()
+    try:
+        assert port.plan("wide")["gpus"] == [2, 3]  # GPUs 0 and 1 have 10 GB free, not 60
+        final = port.switch_and_wait("wide", "test", timeout=60)
+        # Without a GPU runtime Docker refuses the request at start; the message names the planned pair.
+        assert isinstance(final, ErrorEvent)
+        assert "Docker could not start wide on GPU(s) 2, 3" in final.message
+        assert "capabilities: [[gpu]]" in final.message
+        assert ours(client, port) == {}  # the container that could not start is not left behind
+    finally:
+        port.close()

@@ -168,3 +168,41 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except OSError:
         return None
+
+
+def test_a_streamed_reply_is_not_cut_by_a_switch(vllm_server: Server) -> None:
+    """Drain before stop: a reply streaming from Tiny-A finishes whole while the switch to Tiny-B waits for it."""
+    import json
+    import threading
+    import time
+
+    if status(vllm_server)["models"]["tiny-a"]["status"] != "running":
+        switch(vllm_server, "tiny-a")
+    body = {"model": "tiny-a", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 200,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    events: list[tuple[str, dict]] = []
+    switcher = threading.Thread(target=lambda: events.extend(switch(vllm_server, "tiny-b")), daemon=True)
+    tokens, done, errors, usage = 0, False, [], None
+    with httpx.Client(timeout=httpx.Timeout(10, read=120)) as client, client.stream(
+            "POST", f"{vllm_server.url}/v1/chat/completions", json=body, headers=vllm_server.headers) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data:"):
+                chunk = json.loads(line[5:])
+                errors += [chunk["error"]] if "error" in chunk else []
+                usage = chunk.get("usage") or usage
+                if any(choice["delta"].get("content") for choice in chunk.get("choices", [])):
+                    tokens += 1
+                    if tokens == 1:
+                        switcher.start()  # the switch comes while the reply streams
+                    time.sleep(0.01)  # a reader that takes its time keeps the reply in flight longer
+    switcher.join(300)
+    assert done and not errors, errors
+    assert usage is not None and usage["completion_tokens"] == 200
+    assert events and events[-1][0] == "complete", events[-1:]
+    waits = [data["message"] for kind, data in events if kind == "progress" and "Waiting for" in data["message"]]
+    assert any("Waiting for 1 request to finish on Tiny-A" in m for m in waits), waits
+    models = status(vllm_server)["models"]
+    assert (models["tiny-a"]["status"], models["tiny-b"]["status"]) == ("stopped", "running")

@@ -20,6 +20,7 @@ from dashboard.events import Event, StatusEvent
 from dashboard.gpu.virtual import VirtualGpu
 from dashboard.orchestrator.history import History
 from dashboard.orchestrator.machine import Orchestrator
+from dashboard.orchestrator.traffic import Lease
 
 
 class FakeEngine(Engine):
@@ -27,9 +28,11 @@ class FakeEngine(Engine):
 
     runtime = "fake"
 
-    def __init__(self, spec: ModelSpec, port: int, factory: FakeFactory, ref: str | None = None) -> None:
+    def __init__(self, spec: ModelSpec, port: int, factory: FakeFactory, ref: str | None = None,
+                 devices: tuple[int, ...] | None = None) -> None:
         super().__init__(spec, port)
         self.factory = factory
+        self.devices = devices
         self._ref = ref or f"fake-{spec.id}-{len(factory.started)}"
         self.running = False
         self.asleep = False
@@ -120,8 +123,9 @@ class FakeFactory:
         self.fail_wake: set[str] = set()
         self.serving: set[str] = set()  # refs that adopt() finds alive and serving
 
-    def __call__(self, spec: ModelSpec, port: int | None, ref: str | None) -> FakeEngine:
-        engine = FakeEngine(spec, port or 1, self, ref)
+    def __call__(self, spec: ModelSpec, port: int | None, ref: str | None,
+                 devices: tuple[int, ...] | None = None) -> FakeEngine:
+        engine = FakeEngine(spec, port or 1, self, ref, devices)
         self.made.append(engine)
         return engine
 
@@ -217,6 +221,24 @@ class Harness:
         await self.until(lambda: self.terminal(switch_id), f"the switch to {model_id} to end")
         self.factory.auto_ready.discard(model_id)
         return switch_id
+
+    def lease(self, model_id: str, actor: str = "api:key-test") -> Lease:
+        """A chat request's lease as the port makes one (its release reaches the loop a step later)."""
+        loop = asyncio.get_running_loop()
+        return Lease(model_id, actor, loop, lambda lease: loop.call_soon(self.orch.lease_released, lease))
+
+    async def admitted(self, model_id: str, actor: str = "api:key-test", *, queue: bool = False) -> Lease:
+        lease = self.lease(model_id, actor)
+        await self.orch.admit(lease, queue=queue)
+        return lease
+
+    def queued(self, model_id: str, actor: str = "api:key-test") -> tuple[Lease, asyncio.Task[None]]:
+        """A request that waits in the queue for ``model_id`` (``switch_on_request``)."""
+        lease = self.lease(model_id, actor)
+        return lease, asyncio.ensure_future(self.orch.admit(lease, queue=True))
+
+    def in_flight(self, model_id: str) -> int:
+        return len(self.orch.traffic.leases.get(model_id, ()))
 
     async def close(self) -> None:
         await self.orch.shutdown()

@@ -41,6 +41,36 @@ def test_milestones_are_learned_as_the_median_of_recent_loads(tmp_path: Path) ->
     assert history.learned_milestones("other") == {}
 
 
+def test_every_successful_load_is_a_sample_the_box_learns_from(tmp_path: Path) -> None:
+    history = History(tmp_path / "h.sqlite")
+    history.record_load("a", {"starting": 1.0, "loading_weights": 4.0}, 5.0, "success", bytes_total=8 * 10**9)
+    history.record_load("b", {"loading_weights": 99.0}, 99.0, "failed", bytes_total=10**9)
+    history.record_load("a", {"stopping": 0.4}, 0, "unloaded")
+    history.record_load("b", {"starting": 2.0, "loading_weights": 1.0}, 3.0, "success")
+    assert history.loads_recorded == 2  # what the estimates depend on changed twice
+    assert history.load_samples() == [("a", 8 * 10**9, {"starting": 1.0, "loading_weights": 4.0}),
+                                       ("b", None, {"starting": 2.0, "loading_weights": 1.0})]
+    assert history.load_samples(limit=1) == [("b", None, {"starting": 2.0, "loading_weights": 1.0})]
+    history.close()
+
+
+def test_what_people_asked_for_leaves_out_refusals_and_the_orchestrators_own_actions(tmp_path: Path) -> None:
+    history = History(tmp_path / "h.sqlite")
+    started = time.time()
+    history.audit("api:key-alice", "switch", "qwen", "success")
+    history.audit("api:key-bob", "switch", "big", "refused")
+    history.audit("prewarm", "prewarm", "llama", "success")
+    history.audit("orchestrator", "rollback", "qwen", "success")
+    history.audit("dashboard:carol", "load", "llama", "failed")
+    history.audit("dashboard:carol", "unload", "llama", "success")
+    asked = history.asks(started - 1)
+    assert [(action, model, actor) for action, model, actor, _ in asked] == [
+        ("switch", "qwen", "api:key-alice"), ("load", "llama", "dashboard:carol")]
+    assert [model for _, model, _, _ in history.asks(started - 1, ("unload", "sleep"))] == ["llama"]
+    assert history.asks(time.time() + 60) == []
+    history.close()
+
+
 # The database checked at start ------------------------------------------------------------------
 def test_a_file_that_is_not_a_database_is_refused_with_what_to_do(tmp_path: Path) -> None:
     path = tmp_path / "smartswitch.sqlite"

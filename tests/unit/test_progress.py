@@ -1,11 +1,22 @@
-"""Overall progress never goes backwards and the ETA comes from measured history."""
+"""Overall progress never goes backwards; the ETA comes from this model's history, else from this box's."""
+
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dashboard.engines import signals as sig
-from dashboard.orchestrator.progress import LOAD_PHASES, Progress, expected_durations
+from dashboard.orchestrator.history import History
+from dashboard.orchestrator.progress import (
+    LOAD_PHASES,
+    PRIOR_READ_BPS,
+    BoxProfile,
+    LoadSample,
+    Progress,
+    expected_durations,
+    learn_box,
+)
 
 EXPECTED = {"starting": 1.0, "loading_weights": 6.0, "initializing": 1.5, "warming_up": 1.5}
 
@@ -13,17 +24,19 @@ EXPECTED = {"starting": 1.0, "loading_weights": 6.0, "initializing": 1.5, "warmi
 def test_eta_uses_this_models_own_history() -> None:
     history = {"starting": [1.0, 1.2, 1.1], "loading_weights": [8.0, 9.0, 10.0],
                "initializing": [2.0], "warming_up": [1.0]}
-    expected = expected_durations(history, size_gb=183, throughput_gbps=None)
+    expected = expected_durations(history, size_gb=183)
     assert expected["loading_weights"] == 9.0
     assert round(sum(expected.values()), 1) == 13.1
 
 
-def test_eta_without_history_comes_from_size_and_measured_throughput() -> None:
-    fast = expected_durations({}, size_gb=100, throughput_gbps=10.0)
-    slow = expected_durations({}, size_gb=100, throughput_gbps=1.0)
+def test_eta_without_history_comes_from_size_and_the_boxs_measured_read_rate() -> None:
+    fast = expected_durations({}, size_gb=100, box=BoxProfile(read_bps={("vllm", 1): 10e9}))
+    slow = expected_durations({}, size_gb=100, box=BoxProfile(read_bps={("vllm", 1): 1e9}))
     assert round(fast["loading_weights"], 6) == 10.0
     assert round(slow["loading_weights"], 6) == 100.0
     assert set(fast) == set(LOAD_PHASES)
+    # A fresh box has only its prior, never the size of a different model's load.
+    assert expected_durations({}, size_gb=100)["loading_weights"] == 100e9 / PRIOR_READ_BPS["vllm"]
 
 
 def test_shard_progress_drives_percent_and_bytes() -> None:
@@ -40,7 +53,7 @@ def test_shard_progress_drives_percent_and_bytes() -> None:
 
 
 def test_one_slow_first_shard_barely_moves_an_eta_that_history_backs() -> None:
-    p = Progress(EXPECTED, now=0.0)
+    p = Progress(EXPECTED, now=0.0, own_history=True)
     p.enter("loading_weights", 0.0)
     p.on_signal(sig.ShardProgress(1, 10), 1.0)  # 1 s for the first tenth: set-up, not the real rate
     weights_left = p.snapshot(1.0).eta_s - EXPECTED["initializing"] - EXPECTED["warming_up"]
@@ -108,3 +121,81 @@ def test_a_slower_start_than_usual_stretches_the_rest_of_the_eta_alike() -> None
     p = Progress(EXPECTED, now=0.0, milestones={"Worker default_loader.py:501": (3.0, 2.0)})
     p.on_signal(sig.Milestone("Worker default_loader.py:501"), 4.5)  # 1.5 times slower so far
     assert p.snapshot(4.5).eta_s == 3.0
+
+
+# A first ETA from this box -----------------------------------------------------------------------------
+def test_a_box_that_loaded_one_model_estimates_a_never_loaded_one_from_its_rate_and_start_costs(
+        tmp_path: Path) -> None:
+    history = History(tmp_path / "h.sqlite")
+    # The box loaded a 60 GB model once: 30 s reading (2 GB/s), 12 s process start, 6 s KV cache, 4 s graphs.
+    history.record_load("qwen-32b", {"starting": 12.0, "loading_weights": 30.0, "initializing": 6.0,
+                                     "warming_up": 4.0}, 52.0, "success", bytes_total=60 * 10**9)
+    kinds = {"qwen-32b": ("vllm", 1), "llama-8b": ("vllm", 1)}
+    box = learn_box([LoadSample(*kinds[m], phases, size) for m, size, phases in history.load_samples()])
+    assert box.rate("vllm", 1) == pytest.approx(2e9)
+    # Llama has never loaded here: its 16 GB at the box's rate, plus the engine's own start costs.
+    llama = expected_durations(history.phase_history("llama-8b"), size_gb=16, box=box, kind="vllm", gpus=1)
+    assert llama == pytest.approx({"starting": 12.0, "loading_weights": 8.0, "initializing": 6.0,
+                                   "warming_up": 4.0})
+    assert sum(llama.values()) == pytest.approx(30.0)
+    history.close()
+
+
+def test_the_box_learns_per_engine_kind_and_gpu_count() -> None:
+    samples = [LoadSample("vllm", 1, {"starting": 10.0, "loading_weights": 10.0, "initializing": 5.0,
+                                      "warming_up": 5.0}, 20 * 10**9),
+               LoadSample("vllm", 4, {"starting": 20.0, "loading_weights": 5.0, "initializing": 15.0,
+                                      "warming_up": 25.0}, 40 * 10**9),
+               LoadSample("sim", 1, {"starting": 0.5, "loading_weights": 1.0, "initializing": 0.5,
+                                     "warming_up": 0.5}, 10**6)]  # too small to say anything about the disk
+    box = learn_box(samples)
+    assert box.fixed("vllm", 4) == {"starting": 20.0, "initializing": 15.0, "warming_up": 25.0}
+    assert box.fixed("vllm", 2) == box.fixed("vllm", 1)  # the nearest count (ties go to the smaller)
+    assert box.rate("vllm", 4) == pytest.approx(8e9) and box.rate("vllm", 1) == pytest.approx(2e9)
+    assert box.rate("sim", 1) == pytest.approx(5e9)  # no sim rate: the disk is the box's (median of the others)
+    assert box.fixed("docker-only-engine", 1) is None
+
+
+def test_a_never_loaded_model_follows_the_read_rate_it_shows() -> None:
+    # The box says 30 s of weights; this disk (or cache) reads three times faster for this model.
+    expected = {"starting": 2.0, "loading_weights": 30.0, "initializing": 3.0, "warming_up": 3.0}
+    p = Progress(expected, now=0.0)
+    p.on_signal(sig.CheckpointSize(60 * 10**9), 2.0)
+    p.on_signal(sig.ShardProgress(0, 10), 2.0)
+    p.on_signal(sig.ShardProgress(1, 10), 3.0)
+    p.on_signal(sig.ShardProgress(2, 10), 4.0)
+    snap = p.snapshot(4.0)
+    # 8 shards left at one a second, then the fixed costs: the box's 30 s no longer counts.
+    assert snap.eta_s == pytest.approx(8.0 + 6.0, abs=0.5)
+    assert snap.bytes_loaded == 12 * 10**9
+    # Between shards the ETA counts down instead of waiting for the next one.
+    assert p.snapshot(4.5).eta_s < snap.eta_s
+    # The bar is the share of the time so far: about 4 s of 18.
+    assert 20 <= snap.percent <= 25
+
+
+def test_a_slow_start_makes_the_rest_of_the_fixed_costs_slower_too() -> None:
+    expected = {"starting": 10.0, "loading_weights": 1.0, "initializing": 5.0, "warming_up": 5.0}
+    p = Progress(expected, now=0.0)
+    p.on_signal(sig.LoadStarted(), 20.0)  # the process start took twice the usual
+    p.on_signal(sig.WeightsLoaded(1.0), 21.0)
+    assert p.pace(21.0) == pytest.approx(2.0)
+    assert p.snapshot(21.0).eta_s == pytest.approx(20.0)  # 5 + 5 s, twice over
+    # A phase that runs past its (scaled) end is given a share of its time so far again, never zero.
+    assert p.snapshot(40.0).eta_s > 5.0
+
+
+def test_this_may_take_a_while_with_bytes_when_a_minute_is_left_or_the_disk_reads_slowly() -> None:
+    quick = Progress({"starting": 2.0, "loading_weights": 10.0, "initializing": 2.0, "warming_up": 2.0}, now=0.0)
+    assert not quick.snapshot(1.0).slow
+    long = Progress({"starting": 10.0, "loading_weights": 80.0, "initializing": 10.0, "warming_up": 10.0}, now=0.0)
+    assert long.snapshot(1.0).slow and "this may take a while" in long.snapshot(1.0).message
+    # The usual rate reads the checkpoint in 10 s; this load has read a fifth of it in 6 s.
+    slow_disk = Progress({"starting": 1.0, "loading_weights": 10.0, "initializing": 1.0, "warming_up": 1.0}, now=0.0)
+    slow_disk.on_signal(sig.CheckpointSize(20 * 10**9), 1.0)
+    slow_disk.on_signal(sig.ShardProgress(1, 10), 4.0)
+    slow_disk.on_signal(sig.ShardProgress(2, 10), 7.0)
+    snap = slow_disk.snapshot(7.0)
+    assert snap.eta_s < 60 and snap.slow
+    assert "this may take a while: 4.0 of 20.0 GB read" in snap.message
+    assert (snap.bytes_loaded, snap.bytes_total) == (4 * 10**9, 20 * 10**9)

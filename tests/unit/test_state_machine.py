@@ -22,7 +22,7 @@ async def h(tmp_path: Path):
 
 
 def audit(h: Harness, action: str | None = None) -> list[dict]:
-    h.history.flush(5) if hasattr(h.history, "flush") else None
+    h.history.flush(5)
     rows = list(reversed(h.history.audit_log(500)))
     return [r for r in rows if action is None or r["action"] == action]
 
@@ -252,8 +252,12 @@ async def test_a_switch_cut_by_a_crash_restores_what_it_unloaded_on_the_next_sta
     switch_id = await h.orch.switch("big", "test")
     await loading(h, "big")
     h.orch.save_desired()
-    h.history.flush(5) if hasattr(h.history, "flush") else None
+    h.history.flush(5)
     h.history.close()  # the process dies here: nothing else is written
+    dead = [t for t in (h.orch.op.task, *h.orch._background) if t is not None]
+    for task in dead:  # and its tasks with it (their writes to the closed file fail, as they would)
+        task.cancel()
+    await asyncio.gather(*dead, return_exceptions=True)
     again = await Harness(tmp_path).start()
     try:
         again.factory.auto_ready.add("qwen")
@@ -283,3 +287,270 @@ def test_the_design_note_draws_the_same_table() -> None:
     drawn = {tuple(cell.strip() for cell in row.split("|")[1:3]) for row in rows}
     listed = {(old.value, new.value) for new, sources in TRANSITIONS.items() for old in sources}
     assert {d for d in drawn if d[0] in {s.value for s in ModelStatus}} == listed
+
+
+# Chat traffic: the gate, the drain, the queue (issue 10) -------------------------------------------------
+def traffic_catalog(*, drain_s: float = 5.0, queue: bool = False, queue_timeout_s: float = 5.0,
+                    per_minute: int = 100) -> str:
+    from tests.unit.fake_engine import CATALOG
+
+    return (CATALOG.replace("host_ram_gb = 0", f"host_ram_gb = 0\ndrain_timeout_s = {drain_s}")
+            + f"\n[server]\nswitch_on_request = {str(queue).lower()}\nqueue_timeout_s = {queue_timeout_s}\n"
+            f"switches_per_minute = {per_minute}\n")
+
+
+@pytest.fixture
+async def q(tmp_path: Path):
+    """An orchestrator whose chat requests for a model that is not running wait in the queue."""
+    harness = await Harness(tmp_path, traffic_catalog(queue=True)).start()
+    yield harness
+    await harness.close()
+
+
+async def test_a_request_is_admitted_only_while_its_model_serves_and_counted_until_released(h: Harness) -> None:
+    from dashboard.errors import ModelNotRunning
+
+    with pytest.raises(ModelNotRunning) as info:
+        await h.admitted("qwen")
+    assert info.value.http_status == 409
+    assert 'POST /v1/models/switch {"target_model": "qwen"}' in info.value.message
+    await h.bring_up("qwen")
+    lease = await h.admitted("qwen")
+    assert h.in_flight("qwen") == 1 and lease.endpoint
+    lease.release()
+    lease.release()  # twice is once
+    await h.until(lambda: h.in_flight("qwen") == 0, "the release")
+
+
+async def test_a_request_released_before_its_admission_is_never_counted(h: Harness) -> None:
+    await h.bring_up("qwen")
+    lease = h.lease("qwen")
+    lease.release()  # the client went away before the orchestrator got to it
+    await h.orch.admit(lease, queue=False)
+    assert h.in_flight("qwen") == 0
+
+
+async def test_an_unload_drains_first_new_requests_are_refused_and_in_flight_ones_finish(h: Harness) -> None:
+    import asyncio
+
+    from dashboard.errors import ModelNotRunning
+
+    await h.bring_up("qwen")
+    lease = await h.admitted("qwen")
+    unload = asyncio.ensure_future(h.orch.unload("qwen", "alice"))
+    await h.until(lambda: "qwen" in h.orch.traffic.draining, "the drain")
+    assert h.status("qwen") == "running" and not h.factory.latest("qwen").stopped
+    with pytest.raises(ModelNotRunning, match="about to be unloaded"):
+        await h.admitted("qwen")
+    lease.release()
+    await unload
+    assert h.status("qwen") == "stopped" and lease.cut_reason is None
+    assert "qwen" not in h.orch.traffic.draining
+
+
+async def test_past_drain_timeout_the_request_is_cut_with_the_reason_and_the_stop_goes_ahead(tmp_path: Path) -> None:
+    import asyncio
+
+    from dashboard.orchestrator.traffic import RequestCut
+
+    h = await Harness(tmp_path, traffic_catalog(drain_s=0.2)).start()
+    try:
+        await h.bring_up("qwen")
+        lease = await h.admitted("qwen")
+        reply = asyncio.get_running_loop().create_future()  # a reply that would never end on its own
+
+        async def relay() -> None:
+            try:
+                await lease.guard(reply)
+            finally:
+                lease.release()
+
+        relaying = asyncio.ensure_future(relay())
+        await h.orch.unload("qwen", "alice")
+        with pytest.raises(RequestCut) as info:
+            await relaying
+        assert "drain_timeout_s = 0.2 s" in info.value.message and "unloaded" in info.value.message
+        assert h.status("qwen") == "stopped" and h.in_flight("qwen") == 0
+    finally:
+        await h.close()
+
+
+async def test_a_switch_drains_its_victim_and_says_how_many_requests_it_waits_for(h: Harness) -> None:
+    import asyncio
+
+    await h.bring_up("qwen")
+    lease = await h.admitted("qwen")
+    h.factory.auto_ready.add("big")
+    switch_id = await h.orch.switch("big", "test")
+
+    def waiting_line() -> bool:
+        return any(isinstance(e, ProgressEvent) and "Waiting for 1 request to finish on Qwen" in e.message
+                   for e in h.switch_events(switch_id))
+    await h.until(waiting_line, "the switch to say it waits for one request")
+    await asyncio.sleep(0.05)
+    assert h.status("qwen") == "running" and h.status("big") == "stopped"
+    lease.release()
+    await h.until(lambda: h.terminal(switch_id), "the switch to end")
+    assert isinstance(h.terminal(switch_id), CompleteEvent)
+    assert h.status("qwen") == "stopped" and h.status("big") == "running"
+
+
+async def test_a_drain_called_off_by_a_newer_switch_leaves_the_model_serving(h: Harness) -> None:
+    await h.bring_up("qwen")
+    lease = await h.admitted("qwen")
+    first = await h.orch.switch("big", "test")
+    await h.until(lambda: "qwen" in h.orch.traffic.draining, "qwen draining")
+    second = await h.switch_ready("small")  # fits beside qwen: nothing to unload
+    assert isinstance(h.terminal(first), CancelledEvent) and isinstance(h.terminal(second), CompleteEvent)
+    assert h.status("qwen") == "running" and "qwen" not in h.orch.traffic.draining
+    assert lease.cut_reason is None
+    again = await h.admitted("qwen")  # serving as before
+    again.release()
+    lease.release()
+
+
+async def test_requests_on_a_model_that_fails_while_serving_are_cut_with_its_error(h: Harness) -> None:
+    await h.bring_up("qwen")
+    lease = await h.admitted("qwen")
+    h.factory.latest("qwen").exit(-9, ("Killed",))
+    await h.until(lambda: lease.cut_reason is not None, "the request to be cut")
+    assert "exited unexpectedly" in (lease.cut_reason or "")
+
+
+async def test_chats_for_two_models_at_once_both_complete_one_after_the_other(q: Harness) -> None:
+    import asyncio
+
+    q.factory.auto_ready |= {"big", "qwen"}
+    big_lease, big = q.queued("big")
+    qwen_lease, qwen = q.queued("qwen")
+    await big  # the longest-waiting model goes first
+    assert q.status("big") == "running" and not qwen.done()
+    assert q.orch.snapshot()["request_queue"] == {"qwen": 1}
+    assert q.orch.snapshot()["request_queue_detail"]["qwen"]["waiting"] == 1
+    await asyncio.sleep(0.05)
+    assert q.status("big") == "running", "big is drained only of requests that finished"
+    big_lease.release()
+    await qwen
+    assert q.status("qwen") == "running" and q.status("big") == "stopped"
+    assert big_lease.cut_reason is None and qwen_lease.endpoint
+    qwen_lease.release()
+    assert q.orch.snapshot()["request_queue"] == {}
+
+
+async def test_requests_for_the_same_model_share_one_load(q: Harness) -> None:
+    import asyncio
+
+    waiters = [q.queued("qwen") for _ in range(5)]
+    await loading(q, "qwen")
+    assert q.orch.snapshot()["request_queue"] == {"qwen": 5}
+    q.factory.latest("qwen").become_ready()
+    await asyncio.gather(*(task for _, task in waiters))
+    assert len([e for e in q.factory.started if e.spec.id == "qwen"]) == 1
+    assert q.in_flight("qwen") == 5
+    for lease, _ in waiters:
+        lease.release()
+
+
+async def test_a_request_for_the_serving_model_is_served_before_the_switch_away(q: Harness) -> None:
+    await q.bring_up("qwen", "gpt20", "llama")
+    serving = await q.admitted("qwen")  # in flight when a request for another model arrives
+    q.factory.auto_ready.add("big")
+    big_lease, big = q.queued("big")
+    await q.until(lambda: "qwen" in q.orch.traffic.draining, "the switch to drain qwen")
+    assert not big.done() and q.status("qwen") == "running"
+    serving.release()
+    await big
+    assert q.status("big") == "running" and serving.cut_reason is None
+    big_lease.release()
+
+
+async def test_a_persons_switch_supersedes_the_queues_load_but_the_request_stays_queued(q: Harness) -> None:
+    lease, waiting = q.queued("qwen")
+    await loading(q, "qwen")
+    q.factory.auto_ready |= {"big", "qwen"}
+    person = await q.switch_ready("big")  # supersedes the queue's switch to qwen
+    assert isinstance(q.terminal(person), CompleteEvent)
+    await waiting  # then served: the scheduler switches to qwen once the slot is free
+    assert q.status("qwen") == "running" and q.status("big") == "stopped"
+    await q.until(lambda: q.orch.op is None, "the slot to be free")
+    assert [(r["target"], r["outcome"]) for r in audit(q, "switch")] == [
+        ("qwen", "cancelled"), ("big", "success"), ("qwen", "success")]
+    lease.release()
+
+
+async def test_a_queued_request_times_out_with_503_retry_after_and_the_reason(tmp_path: Path) -> None:
+    from dashboard.orchestrator.traffic import QueueTimeout
+
+    h = await Harness(tmp_path, traffic_catalog(queue=True, queue_timeout_s=0.3)).start()
+    try:
+        _, waiting = h.queued("qwen")
+        with pytest.raises(QueueTimeout) as info:
+            await waiting  # qwen never becomes ready
+        assert info.value.http_status == 503 and info.value.details["retry_after_seconds"] >= 5
+        assert "queue_timeout_s = 0.3 s" in info.value.message and "A switch to Qwen" in info.value.message
+        assert h.orch.snapshot()["request_queue"] == {}
+    finally:
+        await h.close()
+
+
+async def test_a_queued_request_whose_load_fails_gets_the_engines_error(q: Harness) -> None:
+    from dashboard.orchestrator.traffic import ModelUnavailable
+
+    _, waiting = q.queued("qwen")
+    await loading(q, "qwen")
+    q.factory.latest("qwen").exit(1, ("CUDA out of memory",))
+    with pytest.raises(ModelUnavailable, match="could not be loaded"):
+        await waiting
+
+
+async def test_a_client_that_leaves_the_queue_leaves_nothing_behind(q: Harness) -> None:
+    lease, waiting = q.queued("qwen")
+    await q.until(lambda: q.orch.snapshot()["request_queue"] == {"qwen": 1}, "the request queued")
+    waiting.cancel()
+    lease.release()
+    await q.until(lambda: q.orch.snapshot()["request_queue"] == {}, "the queue to empty")
+    q.factory.latest("qwen").become_ready()
+    await q.until(lambda: q.status("qwen") == "running", "qwen up")
+    assert q.in_flight("qwen") == 0
+
+
+async def test_every_engine_start_counts_against_its_actor(tmp_path: Path) -> None:
+    from dashboard.api.ratelimit import RateLimited
+
+    h = await Harness(tmp_path, traffic_catalog(queue=True, per_minute=2)).start()
+    try:
+        h.factory.auto_ready |= {"qwen", "gpt20", "llama", "small"}
+        await h.orch.charged_switch("qwen", "dashboard:alice")
+        await h.until(lambda: h.orch.op is None, "the switch to end")
+        await h.orch.charged_load("gpt20", "dashboard:alice")
+        with pytest.raises(RateLimited) as info:
+            await h.orch.charged_switch("llama", "dashboard:alice")
+        assert info.value.http_status == 429 and info.value.details["retry_after_seconds"] > 0
+        with pytest.raises(RateLimited):
+            await h.orch.charged_load("llama", "dashboard:alice")
+        await h.orch.charged_load("llama", "dashboard:bob")  # per actor
+        await h.until(lambda: h.orch.op is None, "the slot to be free")
+        for _ in range(2):  # a request-triggered switch is an engine start too
+            await h.orch.charged_switch("qwen", "api:key-1")
+            await h.until(lambda: h.orch.op is None, "the switch to end")
+        _, waiting = h.queued("small", "api:key-1")
+        with pytest.raises(RateLimited):
+            await waiting
+        for _ in range(3):
+            await h.orch.charged_switch("qwen", "test")  # code in this process is not limited
+            await h.until(lambda: h.orch.op is None, "the switch to end")
+        assert [r["action"] for r in audit(h) if r["outcome"] == "rate_limited"] == ["switch", "load", "switch"]
+    finally:
+        await h.close()
+
+
+async def test_shutdown_ends_queued_requests_with_the_reason(tmp_path: Path) -> None:
+    from dashboard.orchestrator.traffic import ModelUnavailable
+
+    h = await Harness(tmp_path, traffic_catalog(queue=True)).start()
+    _, waiting = h.queued("qwen")
+    await loading(h, "qwen")
+    await h.orch.shutdown()
+    with pytest.raises(ModelUnavailable, match="shutting down"):
+        await waiting
+    h.history.close()
