@@ -4,6 +4,7 @@
     python -m benchmarks.run --quick        # fewer rounds, for a quick look
     python -m benchmarks.run --skip-vllm    # without the vLLM venv
     python -m benchmarks.run --only-failures  # only the killed-engine rounds, merged into results.json
+    python -m benchmarks.run --only-eta       # only the first-load ETA rounds (issue 13), merged the same way
 
 Every figure comes from a real ``smartswitch serve`` process driven through its HTTP API, with real
 engine processes and, for the dashboard, Chromium. The raw samples go to ``results.json``.
@@ -16,6 +17,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -27,6 +29,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks import eta as eta_bench
 from benchmarks.harness import (
     ProgressBar,
     ServerProcess,
@@ -124,9 +127,12 @@ class Bench:
         kills = sum(self.failure_rounds.values())
         if args.only_failures:
             total = kills + len(self.engines) + 1  # a first load of alpha on each engine's own server
+        elif args.only_eta:
+            total = eta_bench.load_count(self.engines) + 1
         else:
             dashboard = 0 if args.skip_dashboard else len(SESSION_COUNTS) + 1
-            total = len(self.engines) * (self.switches + len(CLIENT_COUNTS)) + kills + dashboard + 1
+            total = (len(self.engines) * (self.switches + len(CLIENT_COUNTS)) + kills + dashboard + 1
+                     + eta_bench.load_count(self.engines))
         self.bar = ProgressBar(total)
         self.results: dict[str, Any] = {"engines": {}}
         self.samples: dict[str, list[SwitchSample]] = {}
@@ -234,6 +240,26 @@ class Bench:
         finally:
             server.stop()
 
+    def run_eta(self, command: str) -> None:
+        """First-load ETAs, after-3-loads ETAs and the "this may take a while" counts, each engine on a fresh box."""
+        began = time.monotonic()
+        out: dict[str, Any] = {}
+        for engine in self.engines:
+            self.bar.show(f"{engine}: ETA rounds: starting a fresh server")
+            if engine == "sim":
+                server, rotation, extra = eta_bench.sim_server(self.root), eta_bench.SIM_ROTATION, eta_bench.SIM_EXTRA
+            else:
+                home = Path(self.args.vllm_home)
+                server = ServerProcess(self.root / "eta-vllm", vllm_catalog(home),
+                                       env={"SMARTSWITCH_VLLM_PYTHON": str(home / "venv" / "bin" / "python")})
+                rotation, extra = ("alpha", "beta"), ()
+            try:
+                out[engine] = eta_bench.run_eta(server, engine, rotation, extra, self.bar.step)
+            finally:
+                server.stop()
+        self.results["eta"] = {"engines": out, "run": {"command": command, "date": dt.date.today().isoformat(),
+                                                       "duration_s": time.monotonic() - began}}
+
     # Dashboard --------------------------------------------------------------------------------
     def run_dashboard(self) -> None:
         from playwright.sync_api import sync_playwright
@@ -301,7 +327,12 @@ class Bench:
         self.results["failure_run"] = {"command": command, "date": dt.date.today().isoformat(),
                                        "duration_s": time.monotonic() - began}
         (out / "results.json").write_text(json.dumps(self.results, indent=1))
-        (out / "RESULTS.md").write_text(render(self.results))
+        write_results_md(out / "RESULTS.md", render(self.results))
+
+    def write_merged(self, out: Path) -> None:
+        """results.json and RESULTS.md with this run's part merged in (the plots stay as they are)."""
+        (out / "results.json").write_text(json.dumps(self.results, indent=1))
+        write_results_md(out / "RESULTS.md", render(self.results))
 
     def write(self, command: str, began: float) -> None:
         out = Path(self.args.out)
@@ -314,7 +345,17 @@ class Bench:
         judged = {e: s[1 + 2 * HISTORY_LOADS:] for e, s in self.samples.items()}
         save_png({out / "switch_timeline.png": timeline_figure(self.samples),
                   out / "eta_error.png": eta_figure(judged)}, self.args.chromium)
-        (out / "RESULTS.md").write_text(render(self.results))
+        write_results_md(out / "RESULTS.md", render(self.results))
+
+
+MARKED_SECTION = re.compile(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", re.S)
+
+
+def write_results_md(path: Path, text: str) -> None:
+    """Write RESULTS.md anew, keeping the sections other benchmarks keep between their ``<!-- NAME:begin -->``
+    and ``<!-- NAME:end -->`` markers (the placement replay, the lab trace)."""
+    kept = [m.group(0) for m in MARKED_SECTION.finditer(path.read_text())] if path.exists() else []
+    path.write_text(text.rstrip("\n") + "\n" + "".join(f"\n{section}\n" for section in kept))
 
 
 # Panel renders into shadow roots: find the chat's text area through them.
@@ -474,6 +515,9 @@ def render(r: dict[str, Any]) -> str:
         "The clients are keep-alive connections in the benchmark's own process, on the same 2 cores as the"
         " server and the engines, so these figures include the client's cost.", "",
     ]
+    if "eta" in r:  # first-load ETAs: beside the after-3-loads figures above
+        at = text.index("## `GET /v1/models/status` under load, while switches run back to back")
+        text[at:at] = eta_bench.render_section(r["eta"])
     failed_rows = [[e, str(i), fmt_s(x["to_error"]), fmt_s(x["to_failed"]), fmt_s(x["group_gone"]),
                     f"`{x.get('error', '')}`", f"{x['killed_after']:.1f} s" if "killed_after" in x else "n/a"]
                    for e in engines for i, x in enumerate(r["engines"][e].get("failure", []), 1)]
@@ -521,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-dashboard", action="store_true", help="no browser measurements")
     parser.add_argument("--only-failures", action="store_true",
                         help="only kill engines mid-load; merge into the existing results.json and re-render")
+    parser.add_argument("--only-eta", action="store_true",
+                        help="only the first-load ETA rounds; merge into the existing results.json and re-render")
     parser.add_argument("--out", default=str(HERE), help="where RESULTS.md, results.json and the PNGs go")
     parser.add_argument("--vllm-home", default=os.environ.get(
         "SMARTSWITCH_VLLM_HOME", str(Path.home() / ".cache/smartswitch/vllm")))
@@ -531,10 +577,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"no vLLM venv under {args.vllm_home}: run scripts/setup_vllm.sh, or pass --skip-vllm")
     command = "python -m benchmarks.run" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     earlier: dict[str, Any] = {}
-    if args.only_failures:
+    if args.only_failures or args.only_eta:
         path = Path(args.out) / "results.json"
         if not path.exists():
-            parser.error(f"--only-failures merges into an earlier run's results: no {path}")
+            parser.error(f"--only-failures and --only-eta merge into an earlier run's results: no {path}")
         earlier = json.loads(path.read_text())
         missing = [e for e in ["sim"] + ([] if args.skip_vllm else ["vLLM CPU"]) if e not in earlier["engines"]]
         if missing:
@@ -548,9 +594,15 @@ def main(argv: list[str] | None = None) -> None:
                 bench.run_failures_only(engine)
             bench.bar.show("writing the results")
             bench.write_failures_only(command, began)
+        elif args.only_eta:
+            bench.results = earlier
+            bench.run_eta(command)
+            bench.bar.show("writing the results")
+            bench.write_merged(Path(args.out))
         else:
             for engine in bench.engines:
                 bench.run_engine(engine)
+            bench.run_eta(command)
             if not args.skip_dashboard:
                 bench.run_dashboard()
             bench.bar.show("writing the results")

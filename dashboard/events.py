@@ -70,12 +70,20 @@ class StatusEvent:
     snapshot: dict[str, Any]
 
 
-Event = StageEvent | ProgressEvent | CompleteEvent | ErrorEvent | CancelledEvent | StatusEvent
+@dataclass(frozen=True)
+class DroppedEvent:
+    """The last event of a ``/v1/events`` subscriber that fell too far behind: reconnect to resume."""
+
+    kind: ClassVar[str] = "dropped"
+    message: str
+
+
+Event = StageEvent | ProgressEvent | CompleteEvent | ErrorEvent | CancelledEvent | StatusEvent | DroppedEvent
 SwitchEvent = StageEvent | ProgressEvent | CompleteEvent | ErrorEvent | CancelledEvent
 TERMINAL = (CompleteEvent, ErrorEvent, CancelledEvent)
 _BY_KIND: dict[str, type[Any]] = {cls.kind: cls for cls in
                                   (StageEvent, ProgressEvent, CompleteEvent, ErrorEvent, CancelledEvent,
-                                   StatusEvent)}
+                                   StatusEvent, DroppedEvent)}
 
 
 def is_terminal(event: Event) -> bool:

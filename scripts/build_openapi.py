@@ -27,7 +27,9 @@ def errors(*codes: int, schema: dict[str, Any] = ERROR) -> dict[str, Any]:
             404: "Unknown model", 409: "Conflict (switch in progress, model not running, memory)",
             413: "Body too large (refused on its Content-Length, unread)",
             429: "Rate limited (see Retry-After)",
-            431: f"Request header over {MAX_HEADER_BYTES // 1024} KB", 502: "Engine failed"}
+            431: f"Request header over {MAX_HEADER_BYTES // 1024} KB", 502: "Engine failed",
+            503: "Unavailable: queued past queue_timeout_s (see Retry-After), its model could not be loaded, "
+                 "the request was cut by a drain (drain_timeout_s), or the server is shutting down"}
     return {str(c): {"description": text[c], "content": {"application/json": {"schema": schema}}} for c in codes}
 
 
@@ -83,7 +85,13 @@ DOC: dict[str, Any] = {
                                                   "available_memory_gb": {"type": "number"}}},
                            "source": {"type": "string", "enum": ["nvml", "virtual"]},
                            "active_model": {"type": "string", "nullable": True},
-                           "switch": {"type": "object", "nullable": True}}},
+                           "switch": {"type": "object", "nullable": True},
+                           # Chat requests waiting for their model (switch_on_request), per model.
+                           "request_queue": {"type": "object", "additionalProperties": {"type": "integer"}},
+                           "request_queue_detail": {"type": "object", "additionalProperties": {
+                               "type": "object", "required": ["waiting", "oldest_wait_s", "oldest_since"],
+                               "properties": {"waiting": {"type": "integer"}, "oldest_wait_s": {"type": "number"},
+                                              "oldest_since": {"type": "number"}}}}}},
             "SwitchRequest": {"type": "object", "required": ["target_model"],
                               "properties": {"target_model": MODEL_ID_SCHEMA,
                                              "stream": {"type": "boolean", "default": True},
@@ -143,7 +151,7 @@ DOC: dict[str, Any] = {
             "responses": {"200": {"description": "Completion (JSON or text/event-stream)",
                                   "content": {"application/json": {"schema": OBJ},
                                               "text/event-stream": {"schema": SSE_EVENT}}},
-                          **errors(*AUTH, 404, 409, 502, schema=OPENAI_ERROR)}}},
+                          **errors(*AUTH, 404, 409, 429, 502, 503, schema=OPENAI_ERROR)}}},
     },
 }
 

@@ -24,7 +24,7 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 from dashboard.api.auth import KeyRing, Unauthorized, make_keyring
 from dashboard.api.ratelimit import RateLimiter
 from dashboard.errors import EngineFailed, SmartswitchError, UnknownModel
-from dashboard.events import Event, is_terminal, to_dict, to_sse
+from dashboard.events import DroppedEvent, Event, is_terminal, to_dict, to_sse
 from dashboard.orchestrator.core import OrchestratorPort, Subscription
 from dashboard.orchestrator.traffic import Lease, RequestCut
 
@@ -341,10 +341,10 @@ class EventsHandler(SseHandler):
     async def _drop(self) -> None:
         """A last ``dropped`` event; a client that does not take it within ``DROP_GRACE_S`` is disconnected."""
         log.info("events: subscriber %s dropped: more than %d events behind", self.request.remote_ip, EVENT_BUFFER)
-        notice = {"message": f"This subscriber fell more than {EVENT_BUFFER} events behind and was dropped; "
-                             "reconnect to resume (the first event is the full status)."}
+        notice = DroppedEvent(f"This subscriber fell more than {EVENT_BUFFER} events behind and was dropped; "
+                              "reconnect to resume (the first event is the full status).")
         try:
-            self.write(f"event: dropped\ndata: {json.dumps(notice)}\n\n")
+            self.write(to_sse(notice))
             flushed = self.flush()
         except StreamClosedError:
             self.closed = True

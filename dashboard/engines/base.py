@@ -219,6 +219,7 @@ class Engine(ABC):
     async def _pump(self, from_start: bool) -> None:
         buffer = ""
         seen: set[str] = set()
+        early: sig.EngineSignal | None = None  # a tqdm bar read before its line ended
         async for chunk in self._output(from_start):
             self.last_output_at = time.monotonic()
             lines, buffer = split_lines(buffer + chunk)
@@ -230,8 +231,14 @@ class Engine(ABC):
                     seen.add(key)
                     self.queue.put_nowait(sig.Milestone(key))
                 signal = parse_line(line)
-                if signal is not None:
+                if signal is not None and signal != early:
                     self.queue.put_nowait(signal)
+                early = None
+            # tqdm ends each bar with the \r that starts the next one: a bar drawn whole (up to its closing
+            # "]") is read now, not one shard late (the ETA follows the read rate as it is).
+            if buffer.endswith("]") and isinstance(bar := parse_line(buffer), sig.ShardProgress) and bar != early:
+                self.queue.put_nowait(bar)
+                early = bar
 
     async def _poll_health(self) -> None:
         failures = 0

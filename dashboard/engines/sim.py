@@ -104,20 +104,30 @@ def fault(args: argparse.Namespace, stage: str) -> None:
             time.sleep(3600)
 
 
+def stage_seconds(args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per start-up stage: shares of --load-seconds; with --read-gbps the weights take the checkpoint
+    at that rate and --load-seconds is the engine's own start (process, KV cache, graphs), as on a real box."""
+    if not args.read_gbps:
+        return {stage: args.load_seconds * share for stage, share in SHARES.items()}
+    fixed = 1.0 - SHARES["weights"]
+    return {stage: args.size_gb / args.read_gbps if stage == "weights" else args.load_seconds * share / fixed
+            for stage, share in SHARES.items()}
+
+
 def start_up(args: argparse.Namespace) -> None:
     """Print the start-up log with real timing, scaled to --load-seconds."""
-    total = args.load_seconds
+    seconds = stage_seconds(args)
     size_gib = args.size_gb * 1e9 / GIB
     memory_gib = args.gpu_memory_gb * 1e9 / GIB
     log(f"non-default args: {{'model': '/models/{args.model_id}', 'served_model_name': ['{args.model_id}'], "
         f"'port': {args.port}}}", where="api_utils.py:286")
     log("Resolved architecture: LlamaForCausalLM", where="model.py:733")
     fault(args, "start")
-    time.sleep(total * SHARES["start"])
+    time.sleep(seconds["start"])
     log(f"Starting to load model /models/{args.model_id}...", proc="Worker", where="cpu_model_runner.py:68")
     log(f"Filesystem type for checkpoints: EXT4. Checkpoint size: {size_gib:.2f} GiB. Available RAM: 21.74 GiB.",
         proc="Worker", where="weight_utils.py:1108")
-    weights_s = total * SHARES["weights"]
+    weights_s = seconds["weights"]
     started = time.monotonic()
     for done in range(args.shards + 1):
         if done:
@@ -143,7 +153,7 @@ def start_up(args: argparse.Namespace) -> None:
         where="gpu_model_runner.py:2120")
     fault(args, "kv_cache")
     init_started = time.monotonic()
-    time.sleep(total * SHARES["kv_cache"])
+    time.sleep(seconds["kv_cache"])
     # Weights, KV cache and graphs add up to exactly the declared footprint, as vLLM's budget does.
     graphs_gib = min(0.5, memory_gib * 0.02)
     kv_gib = memory_gib * 0.2 - graphs_gib
@@ -155,7 +165,7 @@ def start_up(args: argparse.Namespace) -> None:
     log("Capturing CUDA graphs (mixed prefill-decode, PIECEWISE): 100%|██████████| 67/67", proc="Worker",
         where="gpu_model_runner.py:3500")
     graphs_started = time.monotonic()
-    time.sleep(total * SHARES["graphs"])
+    time.sleep(seconds["graphs"])
     log(f"Graph capturing finished in {time.monotonic() - graphs_started:.0f} secs, took {graphs_gib:.2f} GiB",
         proc="Worker", where="gpu_model_runner.py:3560")
     log(f"init engine (profile, create kv cache, warmup model) took {time.monotonic() - init_started:.2f} s",
@@ -395,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size-gb", type=float, default=10.0, help="checkpoint size on disk")
     parser.add_argument("--gpu-memory-gb", type=float, default=10.0, help="weights + KV cache footprint")
     parser.add_argument("--load-seconds", type=float, default=5.0, help="time from start to server up")
+    parser.add_argument("--read-gbps", type=float, metavar="GB_PER_S",
+                        help="read the checkpoint at this rate; --load-seconds is then the rest of the start")
     parser.add_argument("--shards", type=int, default=10)
     parser.add_argument("--sleep-mode", action="store_true", help="serve /sleep, /wake_up, /is_sleeping")
     parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on {', '.join(GUARDED_PREFIX)} "

@@ -262,11 +262,17 @@ class History:
                       statistics.median(left for _, left in values[-window:])) for key, values in past.items()}
 
     def phase_history(self, model_id: str) -> dict[str, list[float]]:
+        """Seconds per phase in this model's past loads, oldest first. A model never stopped here gets the box's
+        recent stop times under ``stopping`` (a stop is mostly the engine's own shutdown, alike for all)."""
         rows = self._rows("SELECT phase, seconds FROM phase_durations WHERE model_id = ? ORDER BY at",
                           (model_id,))
         out: dict[str, list[float]] = {}
         for phase, seconds in rows:
             out.setdefault(phase, []).append(seconds)
+        if "stopping" not in out:
+            box = self._rows("SELECT seconds FROM phase_durations WHERE phase = 'stopping' ORDER BY at DESC LIMIT 5")
+            if box:
+                out["stopping"] = [seconds for (seconds,) in reversed(box)]
         return out
 
     def throughput_gbps(self) -> float | None:

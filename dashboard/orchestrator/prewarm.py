@@ -180,8 +180,10 @@ class Prewarmer:
     async def _loop(self) -> None:
         assert self._wakeup is not None
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the shutdown's cancel.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), LOOK_S)
+                async with asyncio.timeout(LOOK_S):
+                    await self._wakeup.wait()
             self._wakeup.clear()
             try:
                 await self._look()

@@ -4,6 +4,7 @@ from dashboard.client import parse_sse
 from dashboard.events import (
     CancelledEvent,
     CompleteEvent,
+    DroppedEvent,
     ErrorEvent,
     ProgressEvent,
     StageEvent,
@@ -20,6 +21,7 @@ EVENTS = [
     ErrorEvent("s1", "insufficient_memory", "Cannot free", "m", {"required_gb": 84, "available_gb": 11.9}),
     CancelledEvent("s1", "Cancelled", "m", "other"),
     StatusEvent({"models": {}, "active_model": None}),
+    DroppedEvent("This subscriber fell behind and was dropped; reconnect to resume."),
 ]
 
 
@@ -32,3 +34,4 @@ def test_events_round_trip_through_sse() -> None:
 def test_error_event_flattens_figures_like_the_contract() -> None:
     data = to_dict(EVENTS[3])
     assert data["error"] == "insufficient_memory" and data["required_gb"] == 84
+

@@ -206,3 +206,12 @@ def test_a_read_right_after_a_write_sees_it(tmp_path: Path) -> None:
     history.set_json("pins", None)
     assert history.get_json("pins", default=[]) == []
     history.close()
+
+
+def test_a_model_never_stopped_here_is_expected_to_stop_like_the_others(tmp_path: Path) -> None:
+    history = History(tmp_path / "h.sqlite")
+    history.record_load("big", {"stopping": 0.3}, 0, "unloaded")
+    history.record_load("small", {"stopping": 0.1}, 0, "unloaded")
+    assert expected_stop(history.phase_history("never-stopped")) == 0.2
+    assert expected_stop(history.phase_history("big")) == 0.3  # its own, once it has one
+    history.close()

@@ -199,3 +199,33 @@ def test_this_may_take_a_while_with_bytes_when_a_minute_is_left_or_the_disk_read
     assert snap.eta_s < 60 and snap.slow
     assert "this may take a while: 4.0 of 20.0 GB read" in snap.message
     assert (snap.bytes_loaded, snap.bytes_total) == (4 * 10**9, 20 * 10**9)
+
+
+async def test_a_tqdm_bar_counts_when_it_is_drawn_not_when_the_next_one_ends_its_line() -> None:
+    from collections.abc import AsyncIterator
+
+    from dashboard.config import ModelSpec
+    from tests.unit.fake_engine import FakeEngine, FakeFactory
+
+    bar = "Loading safetensors checkpoint shards: {p:3d}% Completed | {n}/10 [00:0{n}<00:05, 1.00it/s]"
+    chunks = [bar.format(p=0, n=0), "\r" + bar.format(p=10, n=1), "\r" + bar.format(p=20, n=2)[:30],
+              bar.format(p=20, n=2)[30:], "\r" + bar.format(p=100, n=10) + "\n"]
+
+    class Drawn(FakeEngine):
+        async def _output(self, from_start: bool) -> AsyncIterator[str]:
+            for chunk in chunks:
+                yield chunk
+                seen.append([s for s in drain(self) if isinstance(s, sig.ShardProgress)])
+
+    def drain(engine: FakeEngine) -> list[sig.EngineSignal]:
+        out = []
+        while not engine.queue.empty():
+            out.append(engine.queue.get_nowait())
+        return out
+
+    seen: list[list[sig.ShardProgress]] = []
+    engine = Drawn(ModelSpec("m", "M", 1, 1), 1, FakeFactory())
+    await engine._pump(True)
+    # Each bar as soon as it is whole (a half-written one waits), each once.
+    assert seen == [[sig.ShardProgress(0, 10)], [sig.ShardProgress(1, 10)], [], [sig.ShardProgress(2, 10)],
+                    [sig.ShardProgress(10, 10)]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -331,8 +332,6 @@ async def test_a_request_released_before_its_admission_is_never_counted(h: Harne
 
 
 async def test_an_unload_drains_first_new_requests_are_refused_and_in_flight_ones_finish(h: Harness) -> None:
-    import asyncio
-
     from dashboard.errors import ModelNotRunning
 
     await h.bring_up("qwen")
@@ -349,8 +348,6 @@ async def test_an_unload_drains_first_new_requests_are_refused_and_in_flight_one
 
 
 async def test_past_drain_timeout_the_request_is_cut_with_the_reason_and_the_stop_goes_ahead(tmp_path: Path) -> None:
-    import asyncio
-
     from dashboard.orchestrator.traffic import RequestCut
 
     h = await Harness(tmp_path, traffic_catalog(drain_s=0.2)).start()
@@ -376,8 +373,6 @@ async def test_past_drain_timeout_the_request_is_cut_with_the_reason_and_the_sto
 
 
 async def test_a_switch_drains_its_victim_and_says_how_many_requests_it_waits_for(h: Harness) -> None:
-    import asyncio
-
     await h.bring_up("qwen")
     lease = await h.admitted("qwen")
     h.factory.auto_ready.add("big")
@@ -418,8 +413,6 @@ async def test_requests_on_a_model_that_fails_while_serving_are_cut_with_its_err
 
 
 async def test_chats_for_two_models_at_once_both_complete_one_after_the_other(q: Harness) -> None:
-    import asyncio
-
     q.factory.auto_ready |= {"big", "qwen"}
     big_lease, big = q.queued("big")
     qwen_lease, qwen = q.queued("qwen")
@@ -438,8 +431,6 @@ async def test_chats_for_two_models_at_once_both_complete_one_after_the_other(q:
 
 
 async def test_requests_for_the_same_model_share_one_load(q: Harness) -> None:
-    import asyncio
-
     waiters = [q.queued("qwen") for _ in range(5)]
     await loading(q, "qwen")
     assert q.orch.snapshot()["request_queue"] == {"qwen": 5}
