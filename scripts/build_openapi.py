@@ -77,13 +77,23 @@ DOC: dict[str, Any] = {
                                    "gpu_memory_used_gb": {"type": "number"},
                                    "gpu_memory_required_gb": {"type": "number"},
                                    "load_progress": {"type": "integer", "minimum": 0, "maximum": 100},
-                                   "estimated_load_time_seconds": {"type": "number"}}}},
+                                   "estimated_load_time_seconds": {"type": "number"},
+                                   # The GPUs the model occupies now ([] when it has no engine).
+                                   "gpus": {"type": "array", "items": {"type": "integer", "minimum": 0}}}}},
                            "gpu": {"type": "object",
                                    "required": ["total_memory_gb", "used_memory_gb", "available_memory_gb"],
                                    "properties": {"total_memory_gb": {"type": "number"},
                                                   "used_memory_gb": {"type": "number"},
                                                   "available_memory_gb": {"type": "number"}}},
                            "source": {"type": "string", "enum": ["nvml", "virtual"]},
+                           # One entry per GPU, with the models on it.
+                           "devices": {"type": "array", "items": {
+                               "type": "object", "required": ["index", "total_gb", "used_gb", "free_gb", "models"],
+                               "properties": {"index": {"type": "integer", "minimum": 0}, "name": {"type": "string"},
+                                              "total_gb": {"type": "number"}, "used_gb": {"type": "number"},
+                                              "free_gb": {"type": "number"},
+                                              "models": {"type": "object",
+                                                         "additionalProperties": {"type": "number"}}}}},
                            "active_model": {"type": "string", "nullable": True},
                            "switch": {"type": "object", "nullable": True},
                            # Chat requests waiting for their model (switch_on_request), per model.

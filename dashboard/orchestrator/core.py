@@ -188,6 +188,7 @@ class OrchestratorPort:
             data = the_plan.as_dict()
             data["estimated_load_time_seconds"] = round(sum(self.core.expected(target).values()), 1)
             data["unload_names"] = [self.config.models[m].name for m in the_plan.unload]
+            data["device_count"] = len(self.core.reading.by_device())  # GPUs are named only when several
             return data
         return self._on_loop(make)
 

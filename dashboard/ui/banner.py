@@ -112,7 +112,7 @@ class ConfirmSwitch(pn.viewable.Viewer):
             return ""
         names = dict(zip(p["unload"], p.get("unload_names") or p["unload"], strict=False))
         by_device = p.get("unload_by_device") or {}
-        if len(p.get("gpus") or []) and (by_device or len(p["gpus"]) > 1 or p["gpus"] != [0]):
+        if p.get("device_count", 1) > 1 and p.get("gpus"):
             # On a box with several GPUs the plan names where the model goes and what leaves each device.
             where = ", ".join(f"GPU {i}" for i in p["gpus"])
             unload = "; ".join(f"GPU {d}: " + ", ".join(names.get(m, m) for m in ms)
