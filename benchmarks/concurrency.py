@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -42,6 +41,7 @@ from typing import Any
 import httpx
 
 from benchmarks.harness import ServerProcess, free_port, pid_listening_on
+from benchmarks.report import write_section
 from dashboard.config import parse_config
 from dashboard.engines.process import engine_command, pid_cmdline
 
@@ -467,16 +467,6 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (between its markers), or append it."""
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per scenario (2 cores: keep it small)")
@@ -517,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         out = Path(args.out)
         (out / "concurrency.json").write_text(json.dumps(results, indent=1) + "\n")
-        write_section(out / "RESULTS.md", section)
+        write_section(out / "RESULTS.md", section, BEGIN, END)
     return 0
 
 

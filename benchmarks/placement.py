@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import write_section
 from dashboard.config import Config, load_config
 from dashboard.orchestrator.planner import Device, LoadedModel, Plan, place, plan
 
@@ -201,16 +201,6 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (between its markers), or append it."""
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(HERE), help="the folder of the RESULTS.md to write into")
@@ -230,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(results)
     print(section)
     if not args.no_write:
-        write_section(Path(args.out) / "RESULTS.md", section)
+        write_section(Path(args.out) / "RESULTS.md", section, BEGIN, END)
     return 0
 
 

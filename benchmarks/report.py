@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import statistics
 import subprocess
 from collections.abc import Sequence
@@ -162,3 +163,14 @@ def vllm_version(python: str) -> str:
                               text=True, timeout=120).stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+
+
+def write_section(path: Path, section: str, begin: str, end: str) -> None:
+    """Replace one benchmark's section of RESULTS.md (between its ``begin``/``end`` markers), or append it:
+    each benchmark owns its section and leaves the others as they are."""
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)

@@ -49,7 +49,7 @@ from typing import Any
 import httpx
 
 from benchmarks.harness import free_port
-from benchmarks.report import markdown_table, percentile
+from benchmarks.report import markdown_table, percentile, write_section
 
 HERE = Path(__file__).resolve().parent
 TRACE_FILE = HERE / "lab-day.json"
@@ -476,16 +476,6 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (between its markers), or append it."""
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.trace", description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=SEED)
@@ -542,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     print(section)
     if not args.quick:
         (out / "trace.json").write_text(json.dumps(results, indent=1))
-        write_section(out / "RESULTS.md", section)
+        write_section(out / "RESULTS.md", section, BEGIN, END)
     return 0
 
 

@@ -112,3 +112,16 @@ def test_a_merged_failure_run_is_named_under_the_original_run() -> None:
     text = render(r)
     assert "Produced by `python -m benchmarks.run` on 2026-01-01" in text
     assert "from a later `python -m benchmarks.run --only-failures` on 2026-02-02 (2.0 minutes)" in text
+
+
+def test_each_benchmark_rewrites_only_its_own_section_of_the_results(tmp_path) -> None:
+    from benchmarks.report import write_section
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nthe main table\n")
+    write_section(results, "<!-- a:begin -->\nfirst\n<!-- a:end -->\n", "<!-- a:begin -->", "<!-- a:end -->")
+    write_section(results, "<!-- b:begin -->\nother\n<!-- b:end -->\n", "<!-- b:begin -->", "<!-- b:end -->")
+    write_section(results, "<!-- a:begin -->\nsecond\n<!-- a:end -->\n", "<!-- a:begin -->", "<!-- a:end -->")
+    text = results.read_text()
+    assert "the main table" in text and "second" in text and "other" in text and "first" not in text
+    assert text.index("second") < text.index("other")  # replaced in place, not appended again
