@@ -202,7 +202,7 @@ def test_a_streamed_reply_is_not_cut_by_a_switch(vllm_server: Server) -> None:
     assert done and not errors, errors
     assert usage is not None and usage["completion_tokens"] == 200
     assert events and events[-1][0] == "complete", events[-1:]
-    waits = [data["message"] for kind, data in events if kind == "progress" and "Waiting for" in data["message"]]
-    assert any("Waiting for 1 request to finish on Tiny-A" in m for m in waits), waits
+    # Whether the switch had to wait depends on how far the tiny model had got (it generates faster than this
+    # reader reads, and the server buffers); the sim tier checks the "Waiting for N requests" message itself.
     models = status(vllm_server)["models"]
     assert (models["tiny-a"]["status"], models["tiny-b"]["status"]) == ("stopped", "running")

@@ -47,7 +47,10 @@ def pages_on(browser: Browser, server: Server) -> Iterator[Callable[[], Page]]:
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from running_server(tmp_path_factory, "ui", demo_path().read_text())
+    # The demo allows 6 switches a minute per user; this module's tests make more than that in a minute.
+    catalog = demo_path().read_text().replace("switches_per_minute = 6", "switches_per_minute = 100")
+    assert "switches_per_minute = 100" in catalog
+    yield from running_server(tmp_path_factory, "ui", catalog)
 
 
 @pytest.fixture(scope="session")
