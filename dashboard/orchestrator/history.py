@@ -275,15 +275,6 @@ class History:
                 out["stopping"] = [seconds for (seconds,) in reversed(box)]
         return out
 
-    def throughput_gbps(self) -> float | None:
-        """Measured weight-loading throughput over all successful loads (GB per second)."""
-        rows = self._rows("SELECT SUM(bytes_total), SUM(weights_s) FROM loads "
-                          "WHERE outcome = 'success' AND bytes_total > 0 AND weights_s > 0")
-        if not rows:
-            return None
-        total_bytes, seconds = rows[0]
-        return (total_bytes / 1e9) / seconds if total_bytes and seconds else None
-
     def load_samples(self, limit: int = 500) -> list[tuple[str, int | None, dict[str, float]]]:
         """The last ``limit`` successful loads of any model, oldest first: (model id, checkpoint bytes, seconds
         per load phase). What the box learns its read rate and its engines' start costs from."""

@@ -32,11 +32,12 @@ MIN_RATE_BYTES = 256e6  # a smaller checkpoint loads in its set-up time: it says
 BOX_WINDOW = 20  # recent loads per engine kind and GPU count that the box's figures come from
 FALLBACK_UNLOAD_S = 2.0
 HISTORY_WINDOW = 5
-PACE_BOUNDS = (0.5, 3.0)  # this load's fixed phases against the expected ones
+PACE_BOUNDS = (0.67, 1.5)  # this load's finished fixed phases against the expected ones
 MILESTONE_PACE_BOUNDS = (0.5, 2.0)  # one odd start must not swing a milestone's anchor far
 OVERRUN_SHARE = 0.2  # a phase past its expected end is given this share of its time so far again
 SLOW_ETA_S = 60.0  # more than this left: "this may take a while"
 SLOW_READ = 0.5  # reading at under half the usual rate: "this may take a while"
+SLOW_READ_MIN_S = 2.0  # a read expected to take less is mostly set-up: its rate says nothing
 GB = 1e9
 
 PHASE_TEXT = {
@@ -224,6 +225,8 @@ class Progress:
             case sig.CheckpointSize(bytes_total=total):
                 self.bytes_total = total
             case sig.ShardProgress(done=done, total=total) if total > 0 and self.phase == "loading_weights":
+                # The read rate seen now beats an anchor from a line printed before the read began.
+                self.anchor = None
                 self.fraction = min(done / total, 1.0)
                 self.shards = (done, total)
                 if done > 0 and (self.last_shard is None or self.fraction > self.last_shard[1]):
@@ -243,22 +246,20 @@ class Progress:
         return {key: (at - start, self.finished_at - at) for key, at in self.seen.items()}
 
     # The estimate -------------------------------------------------------------------------------
-    def pace(self, now: float) -> float:
-        """How much slower (> 1) or faster than expected this load's fixed phases have run so far.
+    def pace(self) -> float:
+        """How much slower (> 1) or faster than expected the rest of this load's fixed costs will run, from
+        the fixed phases finished so far (a phase skipped in no time proves nothing).
 
-        Counted over the fixed phases that really ran (a phase skipped in no time proves nothing), and the
-        current one once it has run past its expected end.
+        Half-trusted and bounded: a slow process start means a busy box, which slows the rest less than
+        in proportion, and an expectation's split between phases may be off (a fresh box's prior).
         """
         spent = expected = 0.0
         for phase, seconds in self.durations.items():
             if phase in FIXED_PHASES and seconds > 1e-3:
                 spent, expected = spent + seconds, expected + self.expected[phase]
-        here = now - self.phase_started
-        if self.phase in FIXED_PHASES and here > self.expected[self.phase]:
-            spent, expected = spent + here, expected + self.expected[self.phase]
         if expected <= 0:
             return 1.0
-        return min(max(spent / expected, PACE_BOUNDS[0]), PACE_BOUNDS[1])
+        return min(max((spent / expected) ** 0.5, PACE_BOUNDS[0]), PACE_BOUNDS[1])
 
     def weights_left(self, now: float) -> float:
         """Seconds of weights still to read: the observed rate for the fraction left, blended with the
@@ -282,19 +283,22 @@ class Progress:
         return trust * by_rate + (1 - trust) * prior
 
     def read_slow(self, now: float) -> bool:
-        """Reading well under the usual rate (measured over at least two shards or a fifth of the weights)."""
+        """Reading well under the usual rate (measured over at least two shards or a fifth of the weights;
+        never for a read too short or small to measure a disk by)."""
         if self.phase != "loading_weights" or self.last_shard is None:
+            return False
+        expected = self.expected["loading_weights"]
+        if expected < SLOW_READ_MIN_S or (self.bytes_total is not None and self.bytes_total < MIN_RATE_BYTES):
             return False
         done = self.last_shard[1]
         if done < 0.2 and self.first_shard == self.last_shard:
             return False
-        usual = 1.0 / self.expected["loading_weights"]  # fraction per second
-        seen = done / max(now - self.phase_started, 1e-3)
-        return seen < SLOW_READ * usual
+        seen = done / max(now - self.phase_started, 1e-3)  # fraction per second
+        return seen < SLOW_READ / expected
 
     def remaining(self, now: float) -> float:
         """Seconds to ready as the phases see it (before any milestone anchor)."""
-        pace = self.pace(now)
+        pace = self.pace()
         index = self.order.index(self.phase)
         here = now - self.phase_started
         if self.phase == "loading_weights":

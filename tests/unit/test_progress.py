@@ -174,15 +174,37 @@ def test_a_never_loaded_model_follows_the_read_rate_it_shows() -> None:
     assert 20 <= snap.percent <= 25
 
 
-def test_a_slow_start_makes_the_rest_of_the_fixed_costs_slower_too() -> None:
+def test_a_slow_start_makes_the_rest_of_the_fixed_costs_slower_too_but_less_than_in_proportion() -> None:
     expected = {"starting": 10.0, "loading_weights": 1.0, "initializing": 5.0, "warming_up": 5.0}
     p = Progress(expected, now=0.0)
-    p.on_signal(sig.LoadStarted(), 20.0)  # the process start took twice the usual
+    assert p.snapshot(15.0).eta_s == pytest.approx(0.2 * 15 + 1 + 10)  # overrunning: only this phase grows
+    p.on_signal(sig.LoadStarted(), 20.0)  # the process start took twice the usual: a busy box
     p.on_signal(sig.WeightsLoaded(1.0), 21.0)
-    assert p.pace(21.0) == pytest.approx(2.0)
-    assert p.snapshot(21.0).eta_s == pytest.approx(20.0)  # 5 + 5 s, twice over
+    assert p.pace() == pytest.approx(2**0.5)
+    assert p.snapshot(21.0).eta_s == pytest.approx(10 * 2**0.5, abs=0.1)
     # A phase that runs past its (scaled) end is given a share of its time so far again, never zero.
     assert p.snapshot(40.0).eta_s > 5.0
+    very = Progress(expected, now=0.0)
+    very.on_signal(sig.LoadStarted(), 60.0)  # six times the prior: the prior's split was off, not the box
+    very.on_signal(sig.WeightsLoaded(1.0), 61.0)
+    assert very.pace() == 1.5
+
+
+def test_the_read_rate_seen_beats_a_milestone_printed_before_the_read_began() -> None:
+    expected = {"starting": 2.0, "loading_weights": 60.0, "initializing": 1.0, "warming_up": 1.0}
+    p = Progress(expected, now=0.0, milestones={"Worker weight_utils.py:1108": (2.0, 62.0)})
+    p.on_signal(sig.Milestone("Worker weight_utils.py:1108"), 4.0)  # this start runs twice as slow so far
+    assert p.snapshot(4.0).eta_s == pytest.approx(124.0)
+    p.on_signal(sig.ShardProgress(1, 10), 10.0)
+    p.on_signal(sig.ShardProgress(2, 10), 16.0)  # it reads at the usual rate all the same
+    assert p.snapshot(16.0).eta_s == pytest.approx(48.0 + 2.0, abs=1.0)
+
+
+def test_a_tiny_checkpoint_never_says_the_disk_is_slow() -> None:
+    p = Progress({"starting": 20.0, "loading_weights": 0.05, "initializing": 3.0, "warming_up": 2.0}, now=0.0)
+    p.on_signal(sig.CheckpointSize(2 * 10**6), 20.0)
+    p.on_signal(sig.ShardProgress(10, 10), 21.0)  # a second for 2 MB: set-up, not the disk
+    assert not p.snapshot(21.0).slow
 
 
 def test_this_may_take_a_while_with_bytes_when_a_minute_is_left_or_the_disk_reads_slowly() -> None:
