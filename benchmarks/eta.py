@@ -160,7 +160,7 @@ def render_section(eta: dict[str, Any]) -> list[str]:
         fired.append([engine, _share(long), _share(short), _share(slow)])
     run = eta["run"]
     return [
-        "## ETA on a model's first load, and after 3 loads (issue 13)", "",
+        "## ETA on a model's first load, and after 3 loads", "",
         f"From `{run['command']}` on {run['date']} ({run['duration_s'] / 60:.1f} minutes). Each engine starts on"
         " a fresh box: its first load knows only the box's prior; the first loads of the other models use what"
         " the loads before them taught (the disk's read rate, the engine's start costs for its kind and GPU"

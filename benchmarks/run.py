@@ -4,7 +4,7 @@
     python -m benchmarks.run --quick        # fewer rounds, for a quick look
     python -m benchmarks.run --skip-vllm    # without the vLLM venv
     python -m benchmarks.run --only-failures  # only the killed-engine rounds, merged into results.json
-    python -m benchmarks.run --only-eta       # only the first-load ETA rounds (issue 13), merged the same way
+    python -m benchmarks.run --only-eta       # only the first-load ETA rounds, merged the same way
 
 Every figure comes from a real ``smartswitch serve`` process driven through its HTTP API, with real
 engine processes and, for the dashboard, Chromium. The raw samples go to ``results.json``.

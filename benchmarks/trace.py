@@ -443,7 +443,7 @@ def render(results: dict[str, Any]) -> str:
     loads = ", ".join(f"{m} {cold_load_s(m):.0f} s" for m in MODELS)
     errors = sum(s["errors"] for s in results["policies"])
     lines = [
-        BEGIN, "## A lab's working day, replayed (issue 13)", "",
+        BEGIN, "## A lab's working day, replayed", "",
         f"Produced by `{results['command']}` on {results['date']} in {results['duration_s'] / 60:.1f} minutes "
         f"({results['machine']}).", "",
         f"The day (`benchmarks/lab-day.json`, seed {day['seed']}): {day['researchers']} researchers from 09:00 to "
