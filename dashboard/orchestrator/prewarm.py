@@ -9,7 +9,10 @@ way is let finish (seconds), since killing it would lose the sleeping model. A p
 ``"warm": true`` in the status (and so in the events) until a person uses it. Sleeping models count:
 waking one is the cheapest pre-warm.
 
-A model a person has just unloaded or put to sleep is left alone, and so is one whose pre-warm failed.
+A guess is made only where it pays on average (``choose``): a cold load saves a whole load for the cost of
+a stop when wrong, so modest odds do; a wake saves about what putting the model back to sleep costs, so only
+a model more likely than not is woken. A model a person has just unloaded or put to sleep is left alone,
+and so is one whose pre-warm failed.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from dashboard.errors import SmartswitchError
 from dashboard.events import Event, StatusEvent
 from dashboard.orchestrator.operations import Operation, OpKind
-from dashboard.orchestrator.progress import LOAD_PHASES, Progress
+from dashboard.orchestrator.progress import LOAD_PHASES, Progress, expected_stop
 from dashboard.orchestrator.states import ModelStatus
 
 if TYPE_CHECKING:
@@ -44,6 +47,8 @@ FREQUENCY_HALF_LIFE_S = 3 * DAY_S  # frequency: what the lab has used over the l
 TIME_OF_DAY_WIDTH_H = 1.5  # time of day: asks on other days within about this many hours of now
 LOOKBACK_S = 14 * DAY_S
 MIN_SHARE = 0.1  # a model less likely than this is not worth a load
+# vLLM wakes a 30B model from level-1 sleep in 2.9 s; falling asleep again takes about as long.
+WAKE_S = 3.0
 
 # The scheduler.
 IDLE_S = 3.0  # quiet time after the last operation: a person who just switched may act again
@@ -65,11 +70,17 @@ class Ask:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A model that could be pre-warmed now: asleep (woken) or stopped (loaded), and whether it fits."""
+    """A model that could be pre-warmed now: asleep (woken) or stopped (loaded), and whether it fits.
+
+    ``saved_s``: what a person asking for it would otherwise wait (its load, or its wake). ``undo_s``: what
+    it costs when another model needs its room first (it is stopped or put to sleep again).
+    """
 
     model: str
     asleep: bool
     fits: bool
+    saved_s: float = 1.0
+    undo_s: float = 0.0
 
 
 def _hours_apart(a: float, b: float) -> float:
@@ -110,11 +121,20 @@ def _add(table: dict[str, float], key: str, value: float) -> None:
     table[key] = table.get(key, 0.0) + value
 
 
+def gain(share: float, candidate: Candidate) -> float:
+    """Seconds of waiting a pre-warm saves on average: its chance of being asked for next times the wait it
+    saves, less the chance of another model coming first times the cost of making room again."""
+    return share * candidate.saved_s - (1.0 - share) * candidate.undo_s
+
+
 def choose(shares: Mapping[str, float], candidates: Iterable[Candidate], min_share: float = MIN_SHARE) -> str | None:
-    """The most likely candidate that fits (a sleeping one first when as likely: waking costs seconds)."""
-    ranked = sorted((c for c in candidates if c.fits and shares.get(c.model, 0.0) >= min_share),
-                    key=lambda c: (shares[c.model], c.asleep), reverse=True)
-    return ranked[0].model if ranked else None
+    """The candidate that fits with the best gain, if any gains (a sleeping one first on a tie: it costs
+    seconds). A cold load saves a whole load for the cost of a stop: worth it at modest odds. A wake saves
+    what a sleep costs back: only a model more likely than not is woken."""
+    scored = [(gain(shares[c.model], c), c.asleep, c.model) for c in candidates
+              if c.fits and shares.get(c.model, 0.0) >= min_share]
+    worth = [entry for entry in scored if entry[0] > 0]
+    return max(worth)[2] if worth else None
 
 
 # The shell: a scheduler task on the orchestrator's loop ----------------------------------------------
@@ -126,9 +146,9 @@ class Prewarmer:
         self.enabled = orch.config.switching.prewarm
         self.warm: dict[str, float] = {}  # model -> its last_used when pre-warmed (a person's use changes it)
         self.held_off: dict[str, float] = {}  # model -> monotonic time until which it is left alone
-        self.state = "idle" if self.enabled else "off"
+        self.state = "waiting" if self.enabled else "off"  # "idle" only once it has looked and found nothing
         self.model: str | None = None
-        self.reason = "" if self.enabled else "prewarm = false in [switching]"
+        self.reason = "not looked yet" if self.enabled else "prewarm = false in [switching]"
         self.quiet_since = time.monotonic()
         self.looked_at = 0.0
         self.dirty = True
@@ -234,11 +254,20 @@ class Prewarmer:
                 continue
             if shares.get(model_id, 0.0) < MIN_SHARE:
                 continue
-            candidates.append(Candidate(model_id, asleep, orch.plan(model_id, allow_unload=False).feasible))
+            fits = orch.plan(model_id, allow_unload=False).feasible
+            if asleep:
+                candidates.append(Candidate(model_id, True, fits, saved_s=WAKE_S, undo_s=WAKE_S))
+            else:
+                undo = WAKE_S if state.spec.sleep else expected_stop(orch.history.phase_history(model_id))
+                candidates.append(Candidate(model_id, False, fits, saved_s=sum(orch.expected(model_id).values()),
+                                            undo_s=undo))
         choice = choose(shares, candidates)
         if choice is None:
-            return None, ("the likely models are loaded or do not fit without unloading" if candidates
-                          else "the likely models are loaded")
+            if not candidates:
+                return None, "the likely models are loaded"
+            if not any(c.fits for c in candidates):
+                return None, "the likely models do not fit without unloading"
+            return None, "no likely model is worth it (a wrong guess would cost more than a right one saves)"
         log.info("prewarm: %s is the most likely next (%.0f %%)", choice, 100 * shares[choice])
         return choice, ""
 

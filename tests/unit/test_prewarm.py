@@ -65,6 +65,15 @@ def test_choose_takes_the_likeliest_that_fits_and_wakes_a_sleeper_first_on_a_tie
     assert choose({}, candidates) is None
 
 
+def test_a_cold_load_is_worth_it_at_modest_odds_a_wake_only_when_more_likely_than_not() -> None:
+    # A load saves 50 s for a 2 s stop when wrong; a wake saves 3 s for a 3 s sleep when wrong.
+    cold = Candidate("coder", asleep=False, fits=True, saved_s=50.0, undo_s=2.0)
+    asleep = Candidate("chat", asleep=True, fits=True, saved_s=3.0, undo_s=3.0)
+    assert choose({"coder": 0.2, "chat": 0.45}, [cold, asleep]) == "coder"
+    assert choose({"chat": 0.45}, [asleep]) is None
+    assert choose({"chat": 0.6}, [asleep]) == "chat"
+
+
 def test_a_person_supersedes_a_prewarm_whatever_they_ask() -> None:
     for kind in (OpKind.SWITCH, OpKind.LOAD, OpKind.UNLOAD, OpKind.SLEEP, OpKind.WAKE, OpKind.PIN, OpKind.UNPIN,
                  OpKind.ROLLBACK, OpKind.SHUTDOWN):
