@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 5006
 PYTEST_ARGS ?=
 
-.PHONY: serve test env lint unit integration ui system-deps clean
+.PHONY: serve test env test-env lint unit integration ui system-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -15,10 +15,17 @@ $(VENV)/.installed: pyproject.toml
 		{ echo "python venv module missing: apt-get install python3-venv"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# Test tools (pytest, Playwright, ...) only for `make test`: serving needs none of them.
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
 env: $(VENV)/.installed
+
+test-env: $(VENV)/.installed-test
 
 serve: env
 	$(VENV)/bin/smartswitch serve --host $(HOST) --port $(PORT)
@@ -30,10 +37,10 @@ system-deps:
 	bash scripts/setup_docker.sh
 	bash scripts/setup_vllm.sh
 
-lint: env
+lint: test-env
 	$(VENV)/bin/ruff check dashboard tests benchmarks scripts
 
-test: env system-deps lint
+test: test-env system-deps lint
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:

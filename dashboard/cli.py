@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from dashboard.events import (
     to_dict,
 )
 from dashboard.orchestrator.states import ModelStatus
+from dashboard.users import USERS_FILE, UsersFileError, read_users, remove_user, write_user
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 S = ModelStatus
@@ -50,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
                                           "one server per data dir")
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info",
                        help="debug also shows every HTTP request (default: info)")
+    serve.add_argument("--users", metavar="FILE",
+                       help="who may log in to the dashboard (written by 'smartswitch users add'); default: the "
+                            "data dir's users file if there is one. Required to bind beyond loopback")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="a name this server is reached by (its DNS name, a proxy's); requests naming any other "
+                            "Host are refused. Loopback names are always allowed; on a non-loopback bind so are "
+                            "this machine's names and addresses. Repeatable")
     serve.add_argument("--client-timeout", type=positive_seconds, default=CLIENT_TIMEOUT_S, metavar="SECONDS",
                        help="close a connection whose request header or body has not fully arrived within this "
                             f"long, and idle keep-alive connections after it (default: {CLIENT_TIMEOUT_S:g})")
@@ -62,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--json", action="store_true", help="print raw JSON")
         return cmd
 
+    users = sub.add_parser("users", help="who may log in to the dashboard: add, remove, list")
+    users.add_argument("action", choices=("add", "remove", "list"))
+    users.add_argument("name", nargs="?")
+    users.add_argument("--users", metavar="FILE", help="default: the users file of the data dir")
+    users.add_argument("--data-dir", help="default: the config's")
+    users.add_argument("--config", help="catalog TOML whose data dir to use")
+    users.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+
     remote("status", "models, GPU memory and the running switch")
     remote("plan", "what a switch would unload (dry run)").add_argument("model")
     remote("switch", "switch to a model with a progress bar (Ctrl-C cancels)").add_argument("model")
@@ -70,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_command(args)
+    if args.command == "users":
+        return users_command(args)
     try:
         with SmartswitchClient(args.url, args.api_key) as client:
             return {"status": status_command, "plan": plan_command, "switch": switch_command,
@@ -130,19 +149,42 @@ def serve_command(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     shutdown = Shutdown()
     shutdown.install()  # before the orchestrator starts: a signal during start-up still stops cleanly
+    from dashboard.api.hosts import HostPolicy, is_loopback
+
     try:
         config = load_config(args.config)
+        data_dir = Path(args.data_dir) if args.data_dir else config.data_dir
+        users_file = Path(args.users) if args.users else data_dir / USERS_FILE
+        if args.users or users_file.exists():
+            count = len(read_users(users_file))  # a bad line stops the start, with its number
+            if not count:
+                raise UsersFileError(f"{users_file} has no users: add one with 'smartswitch users add NAME'.")
+            login = f"login required ({count} user{'s' if count > 1 else ''} in {users_file})"
+        elif not is_loopback(args.host):
+            print(f"smartswitch: --host {args.host} lets other machines reach the dashboard, so it needs a login: "
+                  f"add users with 'smartswitch users add NAME{_data_dir_arg(args)}' (or pass --users FILE).",
+                  file=sys.stderr)
+            return 2
+        else:
+            users_file = None
+            login = ("open to anyone on this machine: no login on a loopback bind without users "
+                     "('smartswitch users add NAME' to require one)")
         from dashboard.server import build_app
 
-        app = build_app(config, Path(args.data_dir) if args.data_dir else None, host=args.host, port=args.port)
-    except (ConfigError, DataDirError) as exc:
+        app = build_app(config, data_dir, host=args.host, port=args.port)
+    except (ConfigError, DataDirError, UsersFileError, OSError) as exc:
         print(f"smartswitch: {exc}", file=sys.stderr)
         return 2
     import panel as pn
 
     from dashboard.api.limits import HttpLimits, guard_server
+    from dashboard.login import UsersFileAuth, cookie_secret
 
-    limits = HttpLimits(config.server.max_body_bytes, client_timeout_s=args.client_timeout)
+    hosts = HostPolicy.for_bind(args.host, tuple(args.allow_host))
+    limits = HttpLimits(config.server.max_body_bytes, client_timeout_s=args.client_timeout, hosts=hosts,
+                        page_views_per_minute=config.server.page_views_per_minute)
+    auth: dict[str, Any] = {} if users_file is None else {
+        "auth_provider": UsersFileAuth(users_file), "cookie_secret": cookie_secret(app.data_dir)}
     try:
         server = pn.serve({"/": app.dashboard}, address=args.host, port=args.port, show=False, start=False,
                           title="smartswitch", extra_patterns=app.routes,
@@ -150,8 +192,7 @@ def serve_command(args: argparse.Namespace) -> int:
                           http_server_kwargs=limits.server_kwargs(),
                           # Closed tabs stop costing refreshes within seconds, not the default ~30 s.
                           check_unused_sessions_milliseconds=2000, unused_session_lifetime_milliseconds=3000,
-                          websocket_origin=[f"{args.host}:{args.port}", f"localhost:{args.port}",
-                                            f"127.0.0.1:{args.port}"])
+                          websocket_origin=hosts.origins(args.port), **auth)
     except OSError as exc:
         print(f"smartswitch: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}. "
               "Pick another --port.", file=sys.stderr)
@@ -159,6 +200,7 @@ def serve_command(args: argparse.Namespace) -> int:
     guard_server(server, limits)  # before the loop runs: no request is served without it
     print(f"smartswitch: {len(config.models)} models from {config.source}; data dir {app.data_dir}; "
           f"dashboard {app.url}/ API {app.url}/v1/", flush=True)
+    print(f"smartswitch: dashboard {login}.", flush=True)
     shutdown.loop = server.io_loop
     shutdown.install()  # again: pn.serve puts in its own SIGINT handler, which knows nothing of the engines
     if not shutdown.requested.is_set():
@@ -169,6 +211,45 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 SHUTDOWN_GRACE_S = 30.0
+
+
+def _data_dir_arg(args: argparse.Namespace) -> str:
+    return f" --data-dir {args.data_dir}" if args.data_dir else ""
+
+
+def users_command(args: argparse.Namespace) -> int:
+    """Add, remove or list the users who may log in to the dashboard."""
+    try:
+        if args.users:
+            path = Path(args.users)
+        else:
+            path = (Path(args.data_dir) if args.data_dir else load_config(args.config).data_dir) / USERS_FILE
+        if args.action == "list":
+            for name in read_users(path) if path.exists() else {}:
+                print(name)
+            return 0
+        if not args.name:
+            print(f"smartswitch: users {args.action} needs a user name.", file=sys.stderr)
+            return 2
+        if args.action == "remove":
+            if not remove_user(path, args.name):
+                print(f"smartswitch: no user {args.name!r} in {path}.", file=sys.stderr)
+                return 1
+            print(f"removed {args.name} from {path}")
+            return 0
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
+        else:
+            password = getpass.getpass(f"password for {args.name}: ")
+            if getpass.getpass("again: ") != password:
+                print("smartswitch: the passwords differ.", file=sys.stderr)
+                return 2
+        new = write_user(path, args.name, password)
+        print(f"{'added' if new else 'changed the password of'} {args.name} in {path}")
+        return 0
+    except (ConfigError, UsersFileError, OSError) as exc:
+        print(f"smartswitch: {exc}", file=sys.stderr)
+        return 2
 
 
 def stop_app(app: Any, stop_timeout_s: float) -> int:

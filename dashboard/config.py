@@ -78,6 +78,7 @@ class ServerSettings:
     max_body_bytes: int = 1_048_576
     switch_on_request: bool = False
     queue_timeout_s: float = 300.0  # how long a request may wait in the queue for its model (then 503)
+    page_views_per_minute: int = 60  # dashboard pages one client may open a minute (each makes a session)
 
 
 @dataclass(frozen=True)
@@ -359,12 +360,16 @@ class _Reader:
         )
 
     def server(self, raw: dict[str, Any]) -> ServerSettings:
-        fields = ("data_dir", "switches_per_minute", "max_body_bytes", "switch_on_request", "queue_timeout_s")
+        fields = ("data_dir", "switches_per_minute", "max_body_bytes", "switch_on_request", "queue_timeout_s",
+                  "page_views_per_minute")
         self.check_keys("server", raw, fields)
         d = ServerSettings()
         per_minute = raw.get("switches_per_minute", d.switches_per_minute)
         if isinstance(per_minute, bool) or not isinstance(per_minute, int) or per_minute < 1:
             raise self.fail("server", "switches_per_minute", f"must be a whole number >= 1, got {per_minute!r}")
+        page_views = raw.get("page_views_per_minute", d.page_views_per_minute)
+        if isinstance(page_views, bool) or not isinstance(page_views, int) or page_views < 1:
+            raise self.fail("server", "page_views_per_minute", f"must be a whole number >= 1, got {page_views!r}")
         max_body = raw.get("max_body_bytes", d.max_body_bytes)
         if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1024:
             raise self.fail("server", "max_body_bytes", f"must be a whole number >= 1024, got {max_body!r}")
@@ -374,4 +379,5 @@ class _Reader:
             max_body_bytes=max_body,
             switch_on_request=self.boolean("server", raw, "switch_on_request", d.switch_on_request),
             queue_timeout_s=self.number("server", raw, "queue_timeout_s", d.queue_timeout_s) or 0,
+            page_views_per_minute=page_views,
         )

@@ -145,7 +145,8 @@ OTHER_KEY = "other-key-9876543210"
 class Server:
     """A real ``smartswitch serve`` process on a free port."""
 
-    def __init__(self, root: Path, catalog: str, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, catalog: str, extra_env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
         import os
         import subprocess
         import sys
@@ -163,7 +164,7 @@ class Server:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dashboard.cli", "serve", "--config", str(config), "--port", str(self.port),
-             "--data-dir", str(self.data_dir)], stdout=self._log, stderr=subprocess.STDOUT, env=env)
+             "--data-dir", str(self.data_dir), *(args or [])], stdout=self._log, stderr=subprocess.STDOUT, env=env)
         import httpx
 
         def up() -> bool:

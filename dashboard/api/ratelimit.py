@@ -42,6 +42,17 @@ class RateLimiter:
             hits.append(now)
             return None
 
+    def waiting(self, key: str, now: float | None = None) -> int | None:
+        """The seconds until ``key`` may hit again when it is at the limit, else None (records nothing)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            hits = self._hits.get(key)
+            while hits and hits[0] <= now - self.window_s:
+                hits.popleft()
+            if hits is not None and len(hits) >= self.per_minute:
+                return max(1, math.ceil(hits[0] + self.window_s - now))
+            return None
+
     def refusal(self, retry_after: int) -> RateLimited:
         return RateLimited(f"Too many switches: at most {self.per_minute} per minute. Retry in {retry_after} s.",
                            retry_after_seconds=retry_after)

@@ -278,6 +278,7 @@ class Orchestrator(Supervision, Switching, ModelManager, Recovery):
         return place(loaded, devices, target, required, tp=state.spec.tensor_parallel_size,
                      gpus=self.devices_of(state) if sleeping else state.spec.gpus,
                      strategy=self.config.switching.strategy, pinned=self.pinned,
+                     preserved=self.config.switching.preserve_models,
                      allow_unload=self.config.switching.auto_unload if allow_unload is None else allow_unload,
                      host_free_gb=self.host_free_gb())
 

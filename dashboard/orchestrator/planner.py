@@ -116,6 +116,7 @@ def place(
     gpus: Sequence[int] | None = None,
     strategy: str = "largest_first",
     pinned: Collection[str] = (),
+    preserved: Collection[str] = (),
     allow_unload: bool = True,
     host_free_gb: float = 0.0,
 ) -> Plan:
@@ -123,6 +124,7 @@ def place(
 
     Sleep-capable victims are put to sleep instead of stopped while ``host_free_gb`` can hold their
     weights (a wake takes seconds, a cold load minutes); a sleeping model keeps a small residual.
+    ``preserved``: the part of ``pinned`` the catalog protects (no one can unpin it here).
     """
     free = {d.index: max(d.free_gb, 0.0) for d in devices}
     one_gpu = len(free) == 1 and tp == 1
@@ -163,7 +165,11 @@ def place(
     options = [o for s in sets if all(reachable[d] + EPSILON_GB >= need for d in s)
                if (o := _free_set(s, need, free, ordered, host_free_gb)) is not None]
     if not options:
-        hint = f" Unpin {', '.join(kept)} or pick a smaller model." if kept else " Pick a smaller model."
+        unpinnable = [m for m in kept if m not in preserved]  # preserve_models cannot be unpinned from here
+        protected = [m for m in kept if m in preserved]
+        hint = f" Unpin {', '.join(unpinnable)} or pick a smaller model." if unpinnable else " Pick a smaller model."
+        if protected:
+            hint += f" ({', '.join(protected)}: kept by preserve_models in the catalog.)"
         if one_gpu:
             why = (f"need {required_gb:g} GB, {room:.1f} GB free, unloading everything unpinned frees "
                    f"{can_free:.1f} GB.")

@@ -53,6 +53,7 @@ def operation_entry(op: Operation) -> dict[str, Any]:
         "bytes_loaded": last.bytes_loaded if last else None,
         "bytes_total": last.bytes_total if last else None,
         "slow": last.slow if last else False,
+        "phase": last.phase if last else "",  # the load's phase (starting, loading_weights, ...): the steps
         "cancelling": op.cancelling,
         "restoring": list(op.restoring),
     }

@@ -90,6 +90,9 @@ class Switching:
                                "available_gb": round(the_plan.free_gb_before, 2),
                                "can_free_gb": round(the_plan.can_free_gb, 2),
                                "gpus": list(the_plan.gpus),
+                               # Pinned by a person (preserve_models is the catalog's): the banner offers Unpin.
+                               "unpinnable": [m for m in the_plan.kept
+                                              if m not in self.config.switching.preserve_models],
                                "suggestions": self._smaller_fits(the_plan)})
         expected = dict(self.expected(target.id))
         if the_plan.unload:
@@ -141,9 +144,10 @@ class Switching:
         await self._await_memory(op, the_plan)
 
     def _smaller_fits(self: Orchestrator, the_plan: Plan) -> list[str]:
-        """Models that would fit (by their own plans: a footprint may fit the sum and no device set)."""
+        """Models not running that would fit (by their own plans: a footprint may fit the sum and no device
+        set); a running one is no suggestion, it needs no room."""
         return [s.id for s in sorted(self.models.values(), key=lambda s: -s.required_gb)
-                if s.id != the_plan.target and self.plan(s.id).feasible]
+                if s.id != the_plan.target and s.status is not S.RUNNING and self.plan(s.id).feasible]
 
     async def _await_memory(self: Orchestrator, op: Operation, the_plan: Plan) -> None:
         """After a stop, wait until each device of the target's set has really given the memory back."""
