@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 from benchmarks import eta as eta_bench
@@ -63,6 +64,7 @@ HERE = Path(__file__).resolve().parent
 HISTORY_LOADS = 3  # loads of each model before its ETA is judged
 CLIENT_COUNTS = (1, 16, 64)
 SESSION_COUNTS = (1, 10, 20)
+PAGE_VIEWS = 200  # plain `GET /`, each a session the server makes and must give back
 FAILURE_ROUNDS = {"sim": 3, "vLLM CPU": 2}  # engines killed mid-load (1 each with --quick)
 # Into the load but not near its end: the sim's beta loads in 4 s; vLLM has printed its first lines.
 KILL_AFTER_S = {"sim": 1.0, "vLLM CPU": 4.0}
@@ -81,6 +83,7 @@ stop_timeout_s = 10
 
 [server]
 switches_per_minute = 1000
+page_views_per_minute = 100000
 
 [models.alpha]
 name = "Alpha-60B"
@@ -129,8 +132,10 @@ class Bench:
             total = kills + len(self.engines) + 1  # a first load of alpha on each engine's own server
         elif args.only_eta:
             total = eta_bench.load_count(self.engines) + 1
+        elif args.only_dashboard:
+            total = len(SESSION_COUNTS) + 3
         else:
-            dashboard = 0 if args.skip_dashboard else len(SESSION_COUNTS) + 1
+            dashboard = 0 if args.skip_dashboard else len(SESSION_COUNTS) + 2
             total = (len(self.engines) * (self.switches + len(CLIENT_COUNTS)) + kills + dashboard + 1
                      + eta_bench.load_count(self.engines))
         self.bar = ProgressBar(total)
@@ -281,7 +286,7 @@ class Bench:
                     while len(pages) < count:
                         page = browser.new_page(viewport={"width": 1400, "height": 900})
                         page.goto(server.url + "/")
-                        page.locator(".model-option").first.wait_for(timeout=120_000)
+                        page.locator(".picker-trigger").first.wait_for(timeout=120_000)
                         pages.append(page)
                     settle()
                     memory[str(count)] = rss_mb(pid)
@@ -295,11 +300,48 @@ class Bench:
                     cpu[str(count)] = {"server": (cpu_seconds(pid) - before[0]) / spent,
                                        "chromium": (cpu_seconds_of("chromium") - before[1]) / spent}
                     self.bar.step(f"dashboard: {count} sessions, server RSS {memory[str(count)]:.0f} MB")
+                for page in pages:
+                    page.close()
                 browser.close()
+            memory["tabs_closed"] = settled_rss(pid, memory["0"])
+            views = self.page_views(server, pid)
         finally:
             server.stop()
-        self.results["dashboard"] = {"rss_mb": memory, "latency": latency, "cpu": cpu}
+        self.results["dashboard"] = {"rss_mb": memory, "latency": latency, "cpu": cpu, "page_views": views}
         self.bar.step("dashboard: done")
+
+    def page_views(self, server: ServerProcess, pid: int) -> dict[str, Any]:
+        """PAGE_VIEWS plain page loads (no browser: each makes a session that never connects) while a client
+        reads the status: server CPU per view, memory once the sessions are given back, status latency."""
+        idle = settled_rss(pid, 0.0)
+        timings: list[float] = []
+        stop = threading.Event()
+
+        def poll_status() -> None:
+            with httpx.Client(headers=server.headers, timeout=30) as client:
+                while not stop.is_set():
+                    began = time.perf_counter()
+                    client.get(f"{server.url}/v1/models/status")
+                    timings.append(time.perf_counter() - began)
+
+        poller = threading.Thread(target=poll_status, daemon=True)
+        poller.start()
+        before = cpu_seconds(pid)
+        began = time.monotonic()
+        with httpx.Client(timeout=60) as client:
+            for _ in range(PAGE_VIEWS):
+                client.get(f"{server.url}/").raise_for_status()
+        spent = time.monotonic() - began
+        cpu = cpu_seconds(pid) - before
+        stop.set()
+        poller.join()
+        peak = rss_mb(pid)
+        after = settled_rss(pid, idle)
+        self.bar.step(f"dashboard: {PAGE_VIEWS} page views, RSS {idle:.0f} -> {after:.0f} MB")
+        return {"views": PAGE_VIEWS, "cpu_s_per_view": cpu / PAGE_VIEWS, "views_per_s": PAGE_VIEWS / spent,
+                "rss_idle_mb": idle, "rss_peak_mb": peak, "rss_after_mb": after,
+                "status_p50_ms": 1000 * percentile(timings, 50), "status_p99_ms": 1000 * percentile(timings, 99),
+                "status_requests": len(timings)}
 
     def dashboard_latency(self, server: ServerProcess, page: Any) -> dict[str, list[float]]:
         """Switch start to the banner showing, and model ready to the chat unlocking, as the browser sees it."""
@@ -393,6 +435,20 @@ def cpu_seconds_of(name: str) -> float:
         if entry.name.isdigit() and name in pid_cmdline(int(entry.name)):
             total += cpu_seconds(int(entry.name))
     return total
+
+
+def settled_rss(pid: int, floor: float, timeout: float = 30.0) -> float:
+    """The server's RSS once closed sessions are given back: unused sessions expire after 3 s, checked
+    every 2 s; wait until it stops falling (or reaches ``floor``)."""
+    deadline = time.monotonic() + timeout
+    last = rss_mb(pid)
+    while time.monotonic() < deadline:
+        time.sleep(2.5)
+        now = rss_mb(pid)
+        if now <= floor or last - now < 0.5:
+            return now
+        last = now
+    return rss_mb(pid)
 
 
 def settle() -> None:
@@ -544,6 +600,8 @@ def render(r: dict[str, Any]) -> str:
         load = [[n, f"{v['server'] * 100:.0f} %", f"{v['chromium'] * 100:.0f} %"] for n, v in d["cpu"].items()]
         text += [
             "## 5. Dashboard in Chromium", "",
+            *([f"From `{d['run']['command']}` on {d['run']['date']} ({d['run']['duration_s'] / 60:.1f} minutes),"
+               " merged into the run above.", ""] if d.get("run") else []),
             markdown_table(["open sessions", "switch request → banner shown (median)", "worst",
                             "model ready → chat unlocked (median)", "worst"], lat), "",
             "Latency is measured by Playwright, polling once a frame; 'model ready' is when"
@@ -555,6 +613,28 @@ def render(r: dict[str, Any]) -> str:
             " latency would measure that contention, so latency is measured with one page open.", "",
             markdown_table(["open sessions", "server", "Chromium (all pages)"], load), "",
         ]
+        if "tabs_closed" in rss:
+            text += [f"With the {SESSION_COUNTS[-1]} pages closed, server memory falls back to "
+                     f"{rss['tabs_closed']:.0f} MB ({(rss['tabs_closed'] / rss['0'] - 1) * 100:+.0f} % of the idle "
+                     f"{rss['0']:.0f} MB).", ""]
+        v = d.get("page_views")
+        if v:
+            back = (v["rss_after_mb"] / v["rss_idle_mb"] - 1) * 100
+            text += [
+                f"### {v['views']} page views", "",
+                f"`GET /` {v['views']} times in a row ({v['views_per_s']:.1f} a second), no browser: each makes a"
+                " session that never connects, which the server must give back. Meanwhile a client reads"
+                " `GET /v1/models/status` back to back.", "",
+                markdown_table(["measure", "value", "target"], [
+                    ["server CPU per page view", f"{v['cpu_s_per_view'] * 1000:.0f} ms", ""],
+                    ["server memory: idle → peak → sessions given back",
+                     f"{v['rss_idle_mb']:.0f} → {v['rss_peak_mb']:.0f} → {v['rss_after_mb']:.0f} MB ({back:+.1f} %)",
+                     "within 10 % of idle"],
+                    ["`GET /v1/models/status` while pages open: p50 / p99",
+                     f"{v['status_p50_ms']:.1f} / {v['status_p99_ms']:.1f} ms ({v['status_requests']} requests)",
+                     "< 20 ms p99"],
+                ]), "",
+            ]
     return "\n".join(text)
 
 
@@ -567,6 +647,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="only kill engines mid-load; merge into the existing results.json and re-render")
     parser.add_argument("--only-eta", action="store_true",
                         help="only the first-load ETA rounds; merge into the existing results.json and re-render")
+    parser.add_argument("--only-dashboard", action="store_true",
+                        help="only the browser and page-view rounds; merge into the existing results.json and "
+                             "re-render")
     parser.add_argument("--out", default=str(HERE), help="where RESULTS.md, results.json and the PNGs go")
     parser.add_argument("--vllm-home", default=os.environ.get(
         "SMARTSWITCH_VLLM_HOME", str(Path.home() / ".cache/smartswitch/vllm")))
@@ -577,10 +660,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"no vLLM venv under {args.vllm_home}: run scripts/setup_vllm.sh, or pass --skip-vllm")
     command = "python -m benchmarks.run" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     earlier: dict[str, Any] = {}
-    if args.only_failures or args.only_eta:
+    if args.only_dashboard:
+        args.skip_vllm = True  # the dashboard rounds run on the sim engine only
+    if args.only_failures or args.only_eta or args.only_dashboard:
         path = Path(args.out) / "results.json"
         if not path.exists():
-            parser.error(f"--only-failures and --only-eta merge into an earlier run's results: no {path}")
+            parser.error(f"--only-failures, --only-eta and --only-dashboard merge into an earlier run's results: "
+                         f"no {path}")
         earlier = json.loads(path.read_text())
         missing = [e for e in ["sim"] + ([] if args.skip_vllm else ["vLLM CPU"]) if e not in earlier["engines"]]
         if missing:
@@ -597,6 +683,13 @@ def main(argv: list[str] | None = None) -> None:
         elif args.only_eta:
             bench.results = earlier
             bench.run_eta(command)
+            bench.bar.show("writing the results")
+            bench.write_merged(Path(args.out))
+        elif args.only_dashboard:
+            bench.results = earlier
+            bench.run_dashboard()
+            bench.results["dashboard"]["run"] = {"command": command, "date": dt.date.today().isoformat(),
+                                                 "duration_s": time.monotonic() - began}
             bench.bar.show("writing the results")
             bench.write_merged(Path(args.out))
         else:

@@ -16,6 +16,7 @@ from pathlib import Path
 from dashboard.api.auth import check_keys
 from dashboard.api.routes import ApiContext, Route, make_api_context, make_routes
 from dashboard.config import Config, load_config
+from dashboard.conversations import close_store
 from dashboard.orchestrator.core import OrchestratorPort
 from dashboard.orchestrator.datadir import prepare_data_dir
 from dashboard.ui.app import Dashboard, create_app
@@ -48,7 +49,10 @@ class App:
 
     def close(self, stop_engines: bool = True) -> None:
         """Stop the orchestrator (and its engines unless told not to); it frees the data dir last."""
-        self.port.close(stop_engines)
+        try:
+            self.port.close(stop_engines)
+        finally:
+            close_store(self.data_dir)
 
 
 def build_app(config: Config, data_dir: Path | None = None, *, host: str | None = None,

@@ -1,58 +1,101 @@
-"""The dashboard: selector, GPU gauge, switching banner, locked chat, manager and activity, per session."""
+"""The dashboard: header model picker, switching strip, locked chat, manager, activity and GPU gauge.
+
+One ``Dashboard`` per session (a browser tab or a notebook cell) over a backend. It holds no copy of the
+orchestrator's data beyond the session's ``DashboardState``, which the orchestrator's events refresh
+(pushed: a switch shows in every tab as soon as it starts); a slow heartbeat only feeds the memory plot.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import logging
 from typing import Any
 
 import panel as pn
+import panel_material_ui as pmui
 import param
 from panel.io.state import set_curdoc
+from panel_material_ui.theme import MaterialDesign
 
 from dashboard.client import ApiError
 from dashboard.errors import SmartswitchError
-from dashboard.events import Event, StageEvent, StatusEvent, is_terminal
+from dashboard.events import Event, ProgressEvent, StageEvent, StatusEvent, is_terminal
 from dashboard.orchestrator.states import ModelStatus
 from dashboard.ui.activity import ActivityLog
 from dashboard.ui.backend import LocalBackend, RemoteBackend
 from dashboard.ui.banner import ConfirmSwitch, SwitchBanner
 from dashboard.ui.chat import ChatPanel
 from dashboard.ui.gauge import GpuGauge
+from dashboard.ui.kit import INLINE, SERVED
 from dashboard.ui.manager import ModelManager
-from dashboard.ui.selector import ModelSelector
+from dashboard.ui.picker import ModelPicker, picker_rows
 from dashboard.ui.state import DashboardState
 
 log = logging.getLogger(__name__)
-POLL_MS = 500
+HEARTBEAT_MS = 2000  # the memory plot's sampling when events do the rest
+REMOTE_POLL_MS = 500  # a remote server's sessions have no events: they poll
 CONFIRM_PAST = 50  # a switch this far along asks before it is replaced
-
-pn.extension("tabulator", notifications=True)
+NOTEBOOK_HEIGHT = 760  # inline: the chat shows without an inner scroll
+TABS = ("Chat", "Models", "Activity")
 
 
 class Dashboard(pn.viewable.Viewer):
     """One session's dashboard over a backend; the same object serves a tab or a notebook cell."""
 
     state = param.ClassSelector(class_=DashboardState)
-    poll_ms = param.Integer(default=POLL_MS, bounds=(100, None), doc="Refresh period of this session.")
+    poll_ms = param.Integer(default=None, allow_None=True, bounds=(100, None),
+                            doc="Refresh period (default: a heartbeat with events, a poll without).")
 
     def __init__(self, backend: LocalBackend | RemoteBackend, user: str | None = None, **params: Any) -> None:
         super().__init__(state=DashboardState(), **params)
+        self.kit = SERVED if served() else INLINE  # Material UI in a page, Panel's own inline in a notebook
         self.backend = backend
-        self.actor = f"dashboard:{user or 'anonymous'}"
+        self.user = user or "anonymous"
+        self.actor = f"dashboard:{self.user}"
         self.state.apply(backend.status())
-        self.confirm = ConfirmSwitch(on_confirm=self.start_switch)
-        self.selector = ModelSelector(state=self.state, on_pick=self.pick)
-        self.banner = SwitchBanner(state=self.state, on_cancel=self.cancel)
-        self.chat = ChatPanel(state=self.state, target=backend.chat, actor=self.actor)
-        self.manager = ModelManager(state=self.state, act=self.act, load_history=backend.load_history)
+        self.confirm = ConfirmSwitch(state=self.state, on_confirm=self.start_switch, kit=self.kit)
+        self.picker = ModelPicker(on_pick=self.pick, css_classes=["picker"])
+        self.banner = SwitchBanner(state=self.state, on_cancel=self.cancel, on_retry=self.pick,
+                                   on_unpin=lambda model_id: self.act("unpin", model_id),
+                                   on_manage=self.open_manager, kit=self.kit)
+        self.chat = ChatPanel(state=self.state, target=backend.chat, actor=self.actor, store=backend.conversations,
+                              user=self.user, kit=self.kit)
+        self.manager = ModelManager(state=self.state, act=self.act, load_history=backend.load_history, kit=self.kit)
         self.activity = ActivityLog(state=self.state, audit_log=backend.audit_log)
         self.gauge = GpuGauge(state=self.state)
+        self.tabs = self.kit.tabs(*zip(TABS, (self.chat, self.manager, self.activity), strict=True),
+                                  sizing_mode="stretch_both", dynamic=False, css_classes=["main-tabs"])
+        self.tabs.param.watch(self._tab_opened, "active")
+        self.state.param.watch(self._show_picker, ["models", "selected_model", "active_model", "switching",
+                                                   "switch_target", "progress"])
+        self._show_picker()
         self._callback: Any = None
         self._unsubscribe: Any = None
         self._doc: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._refresh_pending = False
+
+    # State -> views ---------------------------------------------------------------------------
+    def _show_picker(self, *_: Any) -> None:
+        s = self.state
+        target = s.switch_target if s.switching else None
+        self.picker.rows = picker_rows(s.models, s.selected_model, target, s.progress)
+        if s.switching:
+            label, status = f"{s.name_of(s.switch_target)} · {s.progress}%", ModelStatus.LOADING
+        elif s.selected_model:
+            model = next((m for m in s.models if m["id"] == s.selected_model), None)
+            status = model["status"] if model else ModelStatus.STOPPED
+            label = s.name_of(s.selected_model)
+        else:
+            label, status = "Pick a model", ModelStatus.STOPPED
+        self.picker.param.update(label=label, label_status=str(status))
+
+    def _tab_opened(self, *_: Any) -> None:
+        self.manager.shown = self.tabs.active == TABS.index("Models")
+        self.activity.shown = self.tabs.active == TABS.index("Activity")
+
+    def open_manager(self) -> None:
+        self.tabs.active = TABS.index("Models")
 
     # Actions ----------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -62,20 +105,25 @@ class Dashboard(pn.viewable.Viewer):
             log.exception("status refresh failed")
 
     def refresh_soon(self) -> None:
-        """Refresh on the session's loop the way a periodic callback does (safe from any thread)."""
-        if self._loop is None or self._doc is None:
+        """Refresh in this session, from any thread: through the document's next-tick callback, the one
+        thread-safe way in. It runs on the session's loop holding the document's lock, so the changes reach
+        the browser (made from a plain loop callback, they would stay on the server)."""
+        doc = self._doc
+        if doc is None:
             self.refresh()
             return
-
         if self._refresh_pending:
             return  # a burst of events needs one refresh, not one each
         self._refresh_pending = True
 
         def run() -> None:
             self._refresh_pending = False
-            with set_curdoc(self._doc):
+            with set_curdoc(doc):
                 self.refresh()
-        self._loop.call_soon_threadsafe(run)
+        try:
+            doc.add_next_tick_callback(run)
+        except Exception:  # the session is gone (its unsubscribe is on its way)
+            self._refresh_pending = False
 
     async def pick(self, model_id: str) -> None:
         s = self.state
@@ -90,6 +138,7 @@ class Dashboard(pn.viewable.Viewer):
             if replacing or plan["unload"]:
                 plan["target_name"] = s.name_of(model_id)
                 if replacing:
+                    plan["replaces"] = s.switch_target  # the question stands only while that switch runs
                     plan["note"] = (f"This cancels the switch to {s.name_of(s.switch_target)}, "
                                     f"already {s.progress}% done.")
                 self.confirm.plan = plan
@@ -114,25 +163,12 @@ class Dashboard(pn.viewable.Viewer):
         await asyncio.to_thread(self.backend.act, action, model_id, self.actor)
         self.refresh_soon()
 
-    # Layout -----------------------------------------------------------------------------------
-    def _welcome_back(self) -> pn.viewable.Viewable:
-        last = self.backend.last_used(self.actor)
-        if not last or last == self.state.active_model or last not in self.state.names():
-            return pn.Spacer(height=0)
-        button = pn.widgets.Button(name=f"Continue with {self.state.name_of(last)} (your last model)",
-                                   button_type="primary", button_style="outline", css_classes=["last-used"],
-                                   sizing_mode="stretch_width")
-
-        async def resume(_: Any) -> None:
-            button.visible = False
-            await self.pick(last)
-
-        button.on_click(resume)
-        return button
-
+    # Life of a session ------------------------------------------------------------------------
     def start_polling(self) -> None:
         if self._callback is None:
-            self._callback = pn.state.add_periodic_callback(self.refresh, period=self.poll_ms)
+            pushed = self._unsubscribe is not None
+            period = self.poll_ms or (HEARTBEAT_MS if pushed else REMOTE_POLL_MS)
+            self._callback = pn.state.add_periodic_callback(self.refresh, period=period)
 
     def stop_polling(self, *_: Any) -> None:
         if self._callback is not None:
@@ -143,28 +179,91 @@ class Dashboard(pn.viewable.Viewer):
             self._unsubscribe = None
 
     def _push(self) -> None:
-        """Refresh at once on state changes from anywhere (other tabs, the API), not only on the poll."""
+        """Refresh at once on state changes from anywhere (other tabs, the API), progress included."""
         def on_event(event: Event) -> None:
-            if isinstance(event, StatusEvent | StageEvent) or is_terminal(event):
+            if isinstance(event, StatusEvent | StageEvent | ProgressEvent) or is_terminal(event):
                 self.refresh_soon()
         self._unsubscribe = self.backend.subscribe(on_event)
 
+    # Layout -----------------------------------------------------------------------------------
+    def _welcome_back(self) -> pn.viewable.Viewable:
+        last = self.backend.last_used(self.actor)
+        if not last or last == self.state.active_model or last not in self.state.names():
+            return pn.Spacer(height=0)
+        button = self.kit.button(f"Continue with {self.state.name_of(last)} (your last model)", "last-used",
+                                 variant="outlined", sizing_mode="stretch_width")
+
+        async def resume(_: Any) -> None:
+            button.visible = False
+            await self.pick(last)
+
+        button.on_click(resume)
+        return button
+
+    def _user_badge(self) -> pn.viewable.Viewable:
+        logout = " · <a href='/logout' style='color:inherit'>Sign out</a>" if pn.state.user else ""
+        return pn.pane.HTML(f"<span class='user' style='color:#fff;font:14px Roboto,sans-serif'>{self.user}"
+                            f"{logout}</span>", margin=(0, 10), align="center")
+
     def __panel__(self) -> pn.viewable.Viewable:
-        self.start_polling()
-        doc = pn.state.curdoc
-        if doc is not None and doc.session_context is not None:
-            self._doc, self._loop = doc, asyncio.get_event_loop()
+        if self.kit.material:
+            self._doc = pn.state.curdoc
             self._push()
             pn.state.on_session_destroyed(self.stop_polling)
-        sidebar = pn.Column(self._welcome_back(), self.selector, self.confirm, self.gauge, width=360)
-        tabs = pn.Tabs(("Chat", self.chat), ("Models", self.manager), ("Activity", self.activity),
-                       sizing_mode="stretch_both", dynamic=False)
-        main = pn.Column(self.banner, tabs, sizing_mode="stretch_both")
-        header = pn.pane.HTML("<h2 style='margin:4px 0'>smartswitch</h2>", margin=(0, 10))
-        return pn.Column(header, pn.Row(sidebar, main, sizing_mode="stretch_both"), sizing_mode="stretch_both",
-                         min_height=700)
+            pn.state.onload(self._resend)
+        self.start_polling()
+        main = pn.Column(self.banner, self.confirm, self.tabs, sizing_mode="stretch_both", margin=0)
+        side = pn.Column(self._welcome_back(), self.gauge, sizing_mode="stretch_width")
+        if self.kit.material:
+            # Below 900 px (Material's "md") the sidebar is a drawer, closed: the chat gets the width.
+            narrow, wide = pn.Spacer(width=0, height=0), pn.Spacer(width=0, height=0)
+            width = pmui.BreakpointSwitcher(breakpoint="md", small=narrow, large=wide, width=0, height=0)
+            page = pmui.Page(title="smartswitch", header=[self.picker, pn.HSpacer(), self._user_badge(), width],
+                             sidebar=[side], main=[main], sidebar_width=330, theme_toggle=True)
+
+            def fit(event: Any) -> None:
+                small = event.new is narrow
+                # Changes made while the page still loads never reach it: after the load, then.
+                pn.state.onload(lambda: page.param.update(sidebar_variant="temporary" if small else "persistent",
+                                                          sidebar_open=not small))
+
+            width.param.watch(fit, "current")
+            page.param.watch(lambda event: self._follow_theme(event.new), "dark_theme")
+            self._follow_theme(page.dark_theme)
+            return page
+        # Inline (a notebook cell): a fixed height that shows the chat without an inner scroll.
+        header = pn.Row(pn.pane.HTML("<b style='font:600 17px Roboto,sans-serif'>smartswitch</b>",
+                                     align="center"), self.picker, sizing_mode="stretch_width",
+                        styles={"background": "#3f51b5", "border-radius": "8px", "padding": "4px 10px"})
+        return pn.Column(header, pn.Row(main, pn.Column(side, width=300), sizing_mode="stretch_both"),
+                         height=NOTEBOOK_HEIGHT, sizing_mode="stretch_width")
+
+    def _resend(self) -> None:
+        """Once the page has loaded, send it the state again: Panel drops what changed while it was loading
+        (a switch that began meanwhile would leave an open chat input under a running switch)."""
+        self.refresh()
+        self.state.param.trigger("switching", "models", "error", "chat_locked", "lock_reason", "progress")
+        self.picker.param.trigger("rows", "label", "label_status")
+        self.chat.resend()
+
+    def _follow_theme(self, dark: bool) -> None:
+        for view in (self.picker, self.banner):
+            view.dark = dark
+
+
+def served() -> bool:
+    """Whether the dashboard is being made for a served page (a browser session), not a notebook cell."""
+    doc = pn.state.curdoc
+    return doc is not None and doc.session_context is not None
 
 
 def create_app(backend: LocalBackend | RemoteBackend) -> Dashboard:
-    """A fresh dashboard for this session over ``backend`` (what ``pn.serve`` calls for each page)."""
-    return Dashboard(backend, user=pn.state.user)
+    """A fresh dashboard for this session over ``backend`` (what ``pn.serve`` calls for each page): the
+    logged-in user's, or on an open loopback server the account that runs it (the only one who can reach it)."""
+    pn.config.notifications = True  # refusals (switches per minute) show as a toast
+    pn.config.design = MaterialDesign  # this session's Panel widgets (tables, panes) in Material's look
+    return Dashboard(backend, user=pn.state.user or local_user())
+
+
+def local_user() -> str:
+    return getpass.getuser()

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from dashboard.client import SmartswitchClient
+from dashboard.conversations import MEMORY, ConversationStore, store_for
 from dashboard.events import Event
 from dashboard.orchestrator.core import OrchestratorPort
 from dashboard.ui.chat import stream_reply
@@ -16,6 +17,8 @@ class LocalBackend:
 
     def __init__(self, port: OrchestratorPort) -> None:
         self.port = port
+        # Made per session: the data dir's one store is shared by them all.
+        self.conversations: ConversationStore = store_for(port.data_dir)
 
     def status(self) -> dict[str, Any]:
         return self.port.status()
@@ -63,6 +66,8 @@ class RemoteBackend:
 
     def __init__(self, client: SmartswitchClient) -> None:
         self.client = client
+        # The server keeps no chat of ours: conversations last as long as this backend.
+        self.conversations = ConversationStore(MEMORY)
 
     def status(self) -> dict[str, Any]:
         return self.client.status()

@@ -6,12 +6,12 @@ from typing import Any
 
 import panel as pn
 import param
-from bokeh.models import ColumnDataSource, DatetimeTickFormatter
+from bokeh.models import ColumnDataSource
 from bokeh.plotting import figure
 
 from dashboard.ui.bokeh_update import update_bokeh
 from dashboard.ui.state import DashboardState
-from dashboard.ui.theme import model_colour
+from dashboard.ui.theme import model_colour, time_axis
 
 
 class GpuGauge(pn.viewable.Viewer):
@@ -24,8 +24,7 @@ class GpuGauge(pn.viewable.Viewer):
         self._plot = figure(height=140, sizing_mode="stretch_width", x_axis_type="datetime", toolbar_location=None,
                             y_range=(0, max(self.state.gpu_total_gb, 1.0)), title="GPU memory used (GB)")
         self._plot.line("t", "used", source=self._source, line_width=2, color="#1565c0")
-        self._plot.xaxis.formatter = DatetimeTickFormatter(seconds="%H:%M:%S", minsec="%H:%M:%S",
-                                                           minutes="%H:%M")
+        time_axis(self._plot)
         self._plot.title.text_font_size = "11px"
         self.state.param.watch(self._stream, "memory_history")
 

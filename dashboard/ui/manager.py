@@ -1,8 +1,12 @@
-"""The model manager tab: every model with status, memory and last load; load/unload/sleep/pin actions."""
+"""The model manager tab: every model with status, memory and last load, and its actions in its own row.
+
+One table widget for all rows (cheap per session): each action is a column whose cell holds the action's
+name where it applies to that row's model (Load for a stopped one, Unload and Sleep for a running one...)
+and nothing where it does not; a click on a filled cell runs it.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,11 +17,33 @@ import param
 from bokeh.models import ColumnDataSource
 from bokeh.plotting import figure
 
+from dashboard.orchestrator.states import ModelStatus
 from dashboard.ui.bokeh_update import update_bokeh
+from dashboard.ui.kit import SERVED, Kit
 from dashboard.ui.state import DashboardState
-from dashboard.ui.theme import model_colour, status_label
+from dashboard.ui.theme import model_colour, status_label, time_axis
 
+S = ModelStatus
 ACTIONS = ("load", "unload", "sleep", "wake", "pin", "unpin")
+ACTION_CSS = """
+.tabulator-cell[tabulator-field^="act_"] { cursor: pointer; color: #3f51b5; font-weight: 600; }
+.tabulator-cell[tabulator-field^="act_"]:hover { text-decoration: underline; }
+.tabulator-cell[tabulator-field="status"] { font-weight: 500; }
+"""
+
+
+def actions_for(model: dict[str, Any]) -> tuple[str, ...]:
+    """What a person can do with a model now (pure): what its row offers."""
+    status = model["status"]
+    offered: list[str] = []
+    if status in (S.STOPPED, S.FAILED):
+        offered.append("load")
+    if status == S.RUNNING:
+        offered += ["unload", "sleep"] if model.get("sleep_capable") else ["unload"]
+    if status == S.SLEEPING:
+        offered += ["wake", "unload"]
+    offered.append("unpin" if model.get("pinned") else "pin")
+    return tuple(offered)
 
 
 def newest_load(loads: list[dict[str, Any]]) -> float | None:
@@ -27,49 +53,61 @@ def newest_load(loads: list[dict[str, Any]]) -> float | None:
 
 class ModelManager(pn.viewable.Viewer):
     state = param.ClassSelector(class_=DashboardState)
+    shown = param.Boolean(default=False, doc="Its tab is open: only then is the table kept current.")
 
     def __init__(self, act: Callable[[str, str], Awaitable[None]],
-                 load_history: Callable[[], list[dict[str, Any]]], **params: Any) -> None:
+                 load_history: Callable[[], list[dict[str, Any]]], kit: Kit = SERVED, **params: Any) -> None:
         super().__init__(**params)
+        self.kit = kit
         self._act = act
         self._load_history = load_history
-        self._table = pn.widgets.Tabulator(self._frame(), disabled=True, show_index=False, selectable=1,
-                                           sizing_mode="stretch_width", height=260, css_classes=["model-table"])
-        self._message = pn.pane.Alert("", alert_type="info", visible=False, sizing_mode="stretch_width")
-        self._buttons = []
-        for action in ACTIONS:
-            button = pn.widgets.Button(name=action.capitalize(), css_classes=[f"action-{action}"], width=80)
-
-            async def run(_: Any, action: str = action) -> None:
-                await self._run(action)
-
-            button.on_click(run)
-            self._buttons.append(button)
         loads = self._load_history()
+        self._table = pn.widgets.Tabulator(
+            self._frame(loads), disabled=True, show_index=False, selectable=False, sizing_mode="stretch_width",
+            css_classes=["model-table"], hidden_columns=["id", "error"], layout="fit_data_stretch",
+            titles={f"act_{a}": "" for a in ACTIONS}, stylesheets=[ACTION_CSS], theme="simple",
+            configuration={"columnDefaults": {"headerSort": False, "tooltip": True}})
+        self._table.on_click(self._clicked)
+        self._message = kit.alert("manager-message", visible=False, sizing_mode="stretch_width")
+        self._busy = False
         self._plotted = newest_load(loads)
         self._source = ColumnDataSource(self._points(loads))
         self._plot_pane = pn.pane.Bokeh(self._plot(), sizing_mode="stretch_width")
         self.state.param.watch(self._refresh, "models")
+        self.param.watch(self._refresh, "shown")
 
-    def _frame(self, loads: list[dict[str, Any]] | None = None) -> pd.DataFrame:
-        history = {}
-        for row in loads if loads is not None else self._load_history():
+    def _frame(self, loads: list[dict[str, Any]]) -> pd.DataFrame:
+        history: dict[str, float] = {}
+        for row in loads:
             if row["outcome"] == "success":
                 history.setdefault(row["model_id"], row["total_s"])
-        return pd.DataFrame([{
-            "id": m["id"], "model": m["name"], "status": status_label(m),
-            "GPU GB": m.get("gpu_memory_used_gb", m.get("gpu_memory_required_gb")),
-            "size GB": m["size_gb"], "last load s": round(history[m["id"]], 1) if m["id"] in history else None,
-            "pinned": m["pinned"], "sleep": m["sleep_capable"],
-        } for m in self.state.models])
+        rows = []
+        for m in self.state.models:
+            gb = m.get("gpu_memory_used_gb", m.get("gpu_memory_required_gb"))
+            offered = actions_for(m)
+            rows.append({
+                "id": m["id"], "model": m["name"],
+                # A failed model says why here too (the cell's tooltip shows it whole).
+                "status": f"failed: {m['error']}" if m["status"] == S.FAILED and m.get("error")
+                else status_label(m) or "stopped",
+                "GPU memory": f"{gb:.1f} GB" if gb is not None else "",
+                "size": f"{m['size_gb']:g} GB",
+                "last load": f"{history[m['id']]:.1f} s" if m["id"] in history else "",
+                "pinned": "pinned" if m["pinned"] else "",
+                "error": m.get("error") or "",
+                **{f"act_{a}": a.capitalize() if a in offered else "" for a in ACTIONS},
+            })
+        return pd.DataFrame(rows)
 
     def _refresh(self, *_: Any) -> None:
+        # A hidden tab's table is not rebuilt on every change (Tabulator also fails on data sent to a table
+        # it has not drawn yet): opening the tab brings it up to date.
+        if not self.shown:
+            return
         loads = self._load_history()
         frame = self._frame(loads)
         if not frame.equals(self._table.value):
-            selection = self._table.selection
             self._table.value = frame
-            self._table.selection = selection
         newest = newest_load(loads)
         if newest != self._plotted:  # a data patch on a new load: far cheaper than a new figure
             self._plotted = newest
@@ -87,32 +125,38 @@ class ModelManager(pn.viewable.Viewer):
         plot = figure(height=220, sizing_mode="stretch_width", x_axis_type="datetime", toolbar_location=None,
                       title="Past load times (s)")
         plot.scatter("at", "seconds", size=8, color="colour", legend_field="model", source=self._source)
-        plot.legend.location = "top_left"
+        time_axis(plot)
+        plot.add_layout(plot.legend[0], "right")  # beside the data, never over it
         plot.legend.label_text_font_size = "10px"
+        plot.legend.border_line_color = None
         return plot
 
-    async def _run(self, action: str) -> None:
-        if not self._table.selection:
-            self._show("Select a model in the table first.", "warning")
+    async def _clicked(self, event: Any) -> None:
+        column = getattr(event, "column", "") or ""
+        if not column.startswith("act_") or event.row is None:
             return
-        model_id = self._table.value.iloc[self._table.selection[0]]["id"]
-        for button in self._buttons:
-            button.disabled = True
+        row = self._table.value.iloc[event.row]
+        action = column[4:]
+        if not row[column] or self._busy:
+            return
+        await self.run(action, row["id"])
+
+    async def run(self, action: str, model_id: str) -> None:
+        """One action, with what came of it shown under the table."""
+        self._busy = True
+        name = self.state.name_of(model_id)
+        self._show(f"{action.capitalize()} {name}...", "info")
         try:
             started = time.monotonic()
             await self._act(action, model_id)
-            self._show(f"{action.capitalize()} {self.state.name_of(model_id)}: done in "
-                       f"{time.monotonic() - started:.1f} s.", "success")
+            self._show(f"{action.capitalize()} {name}: done in {time.monotonic() - started:.1f} s.", "success")
         except Exception as exc:  # shown to the user, who can act on it
-            self._show(f"{action.capitalize()} {self.state.name_of(model_id)} failed: {exc}", "danger")
+            self._show(f"{action.capitalize()} {name} failed: {getattr(exc, 'message', None) or exc}", "error")
         finally:
-            for button in self._buttons:
-                button.disabled = False
-            await asyncio.sleep(0)
+            self._busy = False
 
-    def _show(self, text: str, kind: str) -> None:
-        self._message.param.update(object=text, alert_type=kind, visible=True)
+    def _show(self, text: str, severity: str) -> None:
+        self.kit.set_alert(self._message, text, severity)
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.Column(self._table, pn.Row(*self._buttons), self._message, self._plot_pane,
-                         sizing_mode="stretch_width")
+        return pn.Column(self._table, self._message, self._plot_pane, sizing_mode="stretch_width")

@@ -10,7 +10,7 @@ import param
 from dashboard.orchestrator.states import ModelStatus
 
 S = ModelStatus
-# The order of the model list: what serves first, then what is changing, then the rest.
+# The order of a status table (the notebook's): what serves first, then what is changing, then the rest.
 STATUS_ORDER = {status: rank for rank, status in enumerate(
     (S.RUNNING, S.LOADING, S.UNLOADING, S.SLEEPING, S.FAILED, S.STOPPED))}
 MEMORY_HISTORY = 600  # points kept for the memory plot (5 minutes at 0.5 s)
@@ -28,7 +28,7 @@ class Backend(Protocol):
 class DashboardState(param.Parameterized):
     """One session's view of the orchestrator; views bind to these parameters."""
 
-    models = param.List(default=[], doc="Every catalog model as a status row, sorted by status.")
+    models = param.List(default=[], doc="Every catalog model as a status row, in catalog order ('order').")
     active_model = param.String(default=None, allow_None=True, doc="The running model chat goes to.")
     selected_model = param.String(default=None, allow_None=True, doc="The model this user picked.")
 
@@ -37,6 +37,7 @@ class DashboardState(param.Parameterized):
     switch_target = param.String(default=None, allow_None=True, doc="Model being loaded.")
     stage = param.String(default="", doc="checking_memory, unloading_models, loading_target, rolling_back.")
     stage_message = param.String(default="", doc="What is happening now, in words.")
+    phase = param.String(default="", doc="The load's phase: starting, loading_weights, initializing, warming_up.")
     progress = param.Integer(default=0, bounds=(0, 100), doc="Overall percent, never decreasing.")
     eta_s = param.Number(default=None, allow_None=True, doc="Seconds remaining, from history.")
     bytes_loaded = param.Integer(default=None, allow_None=True, doc="Checkpoint bytes read so far.")
@@ -66,7 +67,8 @@ class DashboardState(param.Parameterized):
 
     def apply(self, snapshot: dict[str, Any], now: float | None = None) -> None:
         """Fold one status snapshot into the parameters (a single batched update)."""
-        rows = sorted(snapshot["models"].values(), key=lambda m: (STATUS_ORDER.get(m["status"], 9), m["name"]))
+        # Catalog order, never status order: a row must not move under a click (the picker groups them).
+        rows = [{**m, "order": i} for i, m in enumerate(snapshot["models"].values())]
         sw = snapshot.get("switch")
         gpu = snapshot["gpu"]
         history = [*self.memory_history[-(MEMORY_HISTORY - 1):], (now or time.time(), gpu["used_memory_gb"])]
@@ -88,13 +90,13 @@ class DashboardState(param.Parameterized):
             new_switch = sw["target_model"] != self.switch_target or not self.switching
             updates.update(
                 switch_from=sw.get("from_model"), switch_target=sw["target_model"], stage=sw["stage"],
-                stage_message=sw.get("message", ""),
+                stage_message=sw.get("message", ""), phase=sw.get("phase", ""),
                 progress=sw["progress"] if new_switch else max(self.progress, sw["progress"]),
                 eta_s=sw.get("eta_seconds"), bytes_loaded=sw.get("bytes_loaded"),
                 bytes_total=sw.get("bytes_total"), slow=bool(sw.get("slow")),
             )
         else:
-            updates.update(switch_target=None, switch_from=None, stage="", stage_message="", progress=0,
+            updates.update(switch_target=None, switch_from=None, stage="", stage_message="", phase="", progress=0,
                            eta_s=None, bytes_loaded=None, bytes_total=None, slow=False)
         if self.selected_model is None and snapshot.get("active_model"):
             updates["selected_model"] = snapshot["active_model"]

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from bokeh.models import DatetimeTickFormatter
+
 from dashboard.orchestrator.states import ModelStatus
 
 S = ModelStatus
 
-# Keyed by the enum; a status string from a snapshot finds its entry too (ModelStatus is a StrEnum).
-STATUS_STYLE: dict[ModelStatus, tuple[str, str]] = {
-    S.RUNNING: ("●", "#2e7d32"),
-    S.LOADING: ("◐", "#1565c0"),
-    S.UNLOADING: ("◑", "#ef6c00"),
-    S.SLEEPING: ("☾", "#6d4c41"),
-    S.FAILED: ("✖", "#c62828"),
-    S.STOPPED: ("○", "#9e9e9e"),
-}
-BUTTON_TYPE: dict[ModelStatus, str] = {S.RUNNING: "success", S.LOADING: "primary", S.UNLOADING: "warning",
-                                       S.SLEEPING: "light", S.FAILED: "danger", S.STOPPED: "default"}
 MODEL_COLOURS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
 
 
@@ -38,3 +29,17 @@ def model_colour(model_ids: list[str], model_id: str) -> str:
 
 def format_bytes(n: int | None) -> str:
     return "" if n is None else f"{n / 1e9:.1f} GB"
+
+
+def time_axis(plot: Any) -> None:
+    """HH:MM:SS ticks, few of them, no minor ticks: a time axis people read at a glance."""
+    clock = "%H:%M:%S"
+    plot.xaxis.formatter = DatetimeTickFormatter(microseconds=clock, milliseconds=clock, seconds=clock,
+                                                 minsec=clock, minutes="%H:%M", hourmin="%H:%M", hours="%H:%M",
+                                                 days="%d %b", months="%b %Y", years="%Y")
+    plot.xaxis.ticker.desired_num_ticks = 4
+    for axis in (plot.xaxis, plot.yaxis):
+        axis.minor_tick_line_color = None
+        axis.major_label_text_font_size = "10px"
+    plot.outline_line_color = None
+    plot.xgrid.grid_line_color = None

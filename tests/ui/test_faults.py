@@ -14,8 +14,8 @@ from playwright.sync_api import Browser, Page, expect
 
 from dashboard.engines.process import pid_cmdline
 from tests.conftest import Server
-from tests.ui.conftest import pages_on, running_server
-from tests.ui.test_dashboard import chat_box, expect_reply, option
+from tests.ui.conftest import model_row, open_tab, pages_on, pick, running_server
+from tests.ui.test_dashboard import chat_box, expect_reply
 
 FAULT_CATALOG = """
 [gpu]
@@ -67,31 +67,31 @@ def send(page: Page, text: str) -> None:
 
 def test_conversation_and_activity_survive_a_failed_load_and_an_engine_crash(page: Page,
                                                                               fault_server: Server) -> None:
-    option(page, "Steady-8B").click()
+    pick(page, "Steady-8B")
     send(page, "first question")
     expect_reply(page, "[simulated reply from steady] You said: first question")
 
     # 1. A load that fails: the error says why, the previous model comes back, the chat is kept.
-    option(page, "Crasher-70B").click()
+    pick(page, "Crasher-70B")
     error = page.locator(".switch-error")
-    expect(error).to_contain_text("Switch to Crasher-70B failed.", timeout=30_000)
+    expect(error).to_contain_text("Switch to Crasher-70B failed", timeout=30_000)
     expect(error).to_contain_text("simulated engine failure at weights")
     expect(error).to_contain_text("at weights. Restoring Steady-8B.")
-    expect(page.locator(".status-running button", has_text="Steady-8B")).to_be_visible(timeout=10_000)
+    expect(model_row(page, "Steady-8B")).to_have_class(re.compile("status-running"), timeout=10_000)
     expect_reply(page, "[simulated reply from steady] You said: first question", timeout=1000)
     send(page, "still there?")
     expect_reply(page, "[simulated reply from steady] You said: still there?")
 
     # 2. The engine dies while serving: failed in the list, the chat locked with the reason.
     os.kill(engine_pid("steady"), signal.SIGKILL)
-    expect(page.locator(".status-failed button", has_text="Steady-8B")).to_be_visible(timeout=5000)
+    expect(model_row(page, "Steady-8B")).to_have_class(re.compile("status-failed"), timeout=5000)
     expect(chat_box(page)).to_be_disabled(timeout=5000)
     expect(chat_box(page)).to_have_attribute(
         "placeholder", re.compile(r"Steady-8B exited unexpectedly \(code -9\).*Pick Steady-8B again to restart it"))
     expect_reply(page, "[simulated reply from steady] You said: still there?", timeout=1000)
 
     # 3. Picking it again restarts it; the whole conversation is still there.
-    option(page, "Steady-8B").click()
+    pick(page, "Steady-8B")
     send(page, "back again")
     expect_reply(page, "[simulated reply from steady] You said: back again")
     for said in ("first question", "still there?"):
@@ -103,7 +103,7 @@ def test_conversation_and_activity_survive_a_failed_load_and_an_engine_crash(pag
     assert steps == [("switch", "steady", "success"), ("switch", "crasher", "failed"),
                      ("rollback", "steady", "success"), ("engine_exit", "steady", "failed"),
                      ("switch", "steady", "success")]
-    page.locator(".bk-tab", has_text="Activity").click()
+    open_tab(page, "Activity")
     expect(page.locator(".activity .tabulator-row", has_text="engine_exit")).to_contain_text("orchestrator",
                                                                                           timeout=5000)
     expect(page.locator(".activity .tabulator-row", has_text="crasher")).to_contain_text("failed")
