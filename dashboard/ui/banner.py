@@ -85,9 +85,10 @@ def switch_html(s: DashboardState) -> str:
 
 
 def idle_html(s: DashboardState) -> str:
-    """The banner's place when nothing switches: the chat's header, naming the model in use."""
+    """The banner's place when nothing switches: the chat's header, naming the model the chat goes to."""
     e = html.escape
-    model = next((m for m in s.models if m["id"] == s.active_model), None)
+    chosen = s.selected_model or s.active_model
+    model = next((m for m in s.models if m["id"] == chosen), None)
     if model is None:
         return ("<div class='chat-header empty'><span class='dot'></span><div><div class='title'>No model loaded"
                 "</div><div class='sub'>Pick one in the header to load it and chat.</div></div></div>")
@@ -203,7 +204,8 @@ class SwitchBanner(pn.viewable.Viewer):
 
     @param.depends("state.switching", "state.switch_target", "state.switch_from", "state.stage",
                    "state.stage_message", "state.phase", "state.progress", "state.eta_s", "state.bytes_loaded",
-                   "state.bytes_total", "state.slow", "state.active_model", "state.models", "dark")
+                   "state.bytes_total", "state.slow", "state.active_model", "state.selected_model", "state.models",
+                   "dark")
     def _text(self) -> str:
         s = self.state
         body = switch_html(s) if s.switching else idle_html(s)

