@@ -169,7 +169,13 @@ def _connect_embedded(key: str | None, config: Config | str | Path | None, data_
     try:
         for attempt in range(BIND_TRIES):
             port = free_port()
-            app = build_app(config, folder, host=HOST, port=port)
+            # The key file's path is worth a log line on a server, not a red line in a cell: lab.api_key has it.
+            auth_log = logging.getLogger("dashboard.api.auth")
+            level, auth_log.level = auth_log.level, logging.ERROR
+            try:
+                app = build_app(config, folder, host=HOST, port=port)
+            finally:
+                auth_log.setLevel(level)
             server = EmbeddedServer(app, HOST, port)
             try:
                 server.start()

@@ -253,8 +253,9 @@ class SwitchBanner(pn.viewable.Viewer):
         alert = self.kit.alert("switch-error", object=self._error_message, title=self._error_title, severity="error",
                                sizing_mode="stretch_width", margin=0)
         actions = pn.Row(self._retry, self._manage, self._unpin, self._dismiss, margin=(4, 0))
+        # At least the strip's height (nothing jumps on a wide screen); taller where the reason wraps.
         error = pn.Column(alert, actions, visible=self._error_visible, sizing_mode="stretch_width",
-                          height=HEIGHT, margin=(6, 10))
+                          min_height=HEIGHT, margin=(6, 10))
         return pn.Column(strip, error, sizing_mode="stretch_width", margin=0)
 
 
