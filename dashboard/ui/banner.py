@@ -92,6 +92,10 @@ def idle_html(s: DashboardState) -> str:
     if model is None:
         return ("<div class='chat-header empty'><span class='dot'></span><div><div class='title'>No model loaded"
                 "</div><div class='sub'>Pick one in the header to load it and chat.</div></div></div>")
+    if model["status"] == S.STOPPED:
+        return (f"<div class='chat-header empty'><span class='dot'></span><div><div class='title'>"
+                f"{e(model['name'])} is not loaded</div><div class='sub'>Pick it in the header to load it, or "
+                "pick another.</div></div></div>")
     used = model.get("gpu_memory_used_gb")
     where = f"{used:g} GB of GPU memory" if used is not None else ""
     if len(s.devices) > 1 and model.get("gpus"):

@@ -80,8 +80,9 @@ def test_the_idle_strip_names_the_model_in_use_or_asks_for_one() -> None:
     state = DashboardState()
     state.apply(snapshot([model("a", "running", gpu_memory_used_gb=18.0)], active="a"))
     assert "A" in idle_html(state) and "ready" in idle_html(state) and "18 GB" in idle_html(state)
-    state.apply(snapshot([model("a", "stopped")]))
-    assert "No model loaded" in idle_html(state)
+    state.apply(snapshot([model("a", "stopped")]))  # the model this tab chats with was unloaded
+    assert "A is not loaded" in idle_html(state)
+    assert "No model loaded" in idle_html(DashboardState())
 
 
 def test_a_confirmation_to_replace_a_switch_closes_when_that_switch_ends() -> None:
