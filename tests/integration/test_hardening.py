@@ -137,7 +137,7 @@ def closed_by_peer(sock: socket.socket) -> bool:
 # Bodies ------------------------------------------------------------------------------------------
 def send_big_body_without_a_key(server: HardServer, results: list[tuple[int, dict]]) -> None:
     with connect(server) as sock:
-        sock.sendall(f"POST /v1/models/switch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"POST /v1/models/switch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {BIG_BODY}\r\n\r\n".encode())
         chunk, sent = b"[" * (1 << 20), 0
         try:
@@ -193,7 +193,7 @@ def test_500_half_sent_request_headers_are_closed_after_the_client_timeout(serve
     try:
         for _ in range(500):
             sock = connect(server)
-            sock.sendall(b"GET /v1/models/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bea")
+            sock.sendall(b"GET /v1/models/status HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bea")
             sockets.append(sock)
         for sock in sockets:
             sock.settimeout(CLIENT_TIMEOUT_S + 15)
@@ -207,7 +207,7 @@ def test_500_half_sent_request_headers_are_closed_after_the_client_timeout(serve
 
 def test_a_request_body_that_stops_halfway_is_closed_after_the_client_timeout(server: HardServer) -> None:
     with connect(server) as sock:
-        sock.sendall(f"POST /v1/models/switch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        sock.sendall(f"POST /v1/models/switch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
                      "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"target".encode())
         started = time.monotonic()
         sock.settimeout(CLIENT_TIMEOUT_S + 15)
@@ -217,7 +217,7 @@ def test_a_request_body_that_stops_halfway_is_closed_after_the_client_timeout(se
 
 def test_an_idle_keep_alive_connection_is_closed(server: HardServer) -> None:
     with connect(server) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert read_response(sock)[0] == 200
         sock.settimeout(CLIENT_TIMEOUT_S + 15)
         assert closed_by_peer(sock)

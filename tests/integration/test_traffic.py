@@ -379,7 +379,7 @@ def test_a_subscriber_that_never_reads_is_dropped_with_a_last_notice(strict: Ser
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", strict.port))
-    sock.sendall(f"GET /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n".encode())
+    sock.sendall(f"GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n\r\n".encode())
     with httpx.Client(headers=HEADERS, timeout=10) as http:
         for _ in range(600):  # 1200 status events, each a full snapshot
             http.post(f"{strict.url}/v1/models/a/pin")
