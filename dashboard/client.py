@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -12,6 +11,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from dashboard.api.hosts import is_loopback
 from dashboard.events import Event, SwitchEvent, from_sse, is_terminal
 from dashboard.orchestrator.datadir import KEY_FILE, DataDirLock, pid_alive
 
@@ -70,25 +70,14 @@ def serves_at(server_url: str, url: str) -> bool:
         own_port, target_port = own.port or _default_port(own.scheme), target.port or _default_port(target.scheme)
     except ValueError:  # a malformed URL or port
         return False
-    if not _loopback(target.hostname) or own.scheme != target.scheme or own_port != target_port:
+    if not (target.hostname and is_loopback(target.hostname)) or own.scheme != target.scheme or own_port != target_port:
         return False
     # Bound to a wildcard or to loopback, the server takes loopback connections; bound elsewhere it does not.
-    return own.hostname in ("0.0.0.0", "::", "") or _loopback(own.hostname)
+    return own.hostname in ("0.0.0.0", "::", "") or bool(own.hostname and is_loopback(own.hostname))
 
 
 def _default_port(scheme: str) -> int:
     return 443 if scheme == "https" else 80
-
-
-def _loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class SseParser:
