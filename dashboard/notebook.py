@@ -98,11 +98,13 @@ def ensure_extension() -> None:
     if _extension_loaded or not in_notebook():
         return
     import dashboard.ui.kit  # noqa: F401 - its import settles the design below (Material UI sets its own)
+    from dashboard.ui.offline import keep_sheets_inline
 
     pn.config.inline = True
     # Panel's own widgets inline, in Panel's plain design: Material's theme sheets would come from a CDN.
     pn.config.design = None
     pn.extension("tabulator", inline=True)
+    keep_sheets_inline()
     _extension_loaded = True
 
 

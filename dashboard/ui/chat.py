@@ -129,7 +129,6 @@ class ChatPanel(pn.viewable.Viewer):
             sizing_mode="stretch_width", min_height=300, css_classes=["chat"],
             styles={"height": "calc(100vh - 330px)" if kit.material else "420px"},
         )
-        self._message_type = pmui.ChatMessage if isinstance(self.chat, pmui.ChatInterface) else pn.chat.ChatMessage
         # The kit has no select: the same choice it makes, Material UI in a page, Panel's own inline.
         select = pmui.Select if kit.material else pn.widgets.Select
         self.picker = select(options={NEW_LABEL: NEW}, value=NEW, width=320, css_classes=["conversation-picker"])
@@ -233,7 +232,7 @@ class ChatPanel(pn.viewable.Viewer):
             params["avatar"] = avatar
         if at is not None:
             params["timestamp"] = datetime.fromtimestamp(at)
-        return self._message_type(**params)
+        return self.kit.message(**params)
 
     # Other tabs' writes ---------------------------------------------------------------------------
     def _changed(self) -> None:

@@ -9,14 +9,66 @@ internet the output must carry its scripts inline, and a Material UI component i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import panel as pn
 import panel_material_ui as pmui
+from panel.io.resources import DIST_DIR
 
 SEVERITY_TO_ALERT = {"error": "danger", "warning": "warning", "info": "info", "success": "success"}
 VARIANT_TO_STYLE = {"contained": "solid", "outlined": "outline", "text": "outline"}
 COLOR_TO_TYPE = {"primary": "primary", "error": "danger", "default": "default"}
+
+
+def _svg(*paths: str) -> str:
+    """A Tabler outline icon drawn from its paths: Panel names its icons from a web font on a CDN."""
+    return ("<svg xmlns='http://www.w3.org/2000/svg' width='24' height='24' viewBox='0 0 24 24' fill='none' "
+            "stroke='currentColor' stroke-width='2' stroke-linecap='round' stroke-linejoin='round'>"
+            + "".join(f"<path d='{d}'/>" for d in paths) + "</svg>")
+
+
+SEND_ICON = _svg("M10 14l11 -11", "M21 3l-6.5 18a.55 .55 0 0 1 -1 0l-3.5 -7l-7 -3.5a.55 .55 0 0 1 0 -1l18 -6.5")
+EDIT_ICON = _svg("M7 7h-1a2 2 0 0 0 -2 2v9a2 2 0 0 0 2 2h9a2 2 0 0 0 2 -2v-1",
+                 "M20.385 6.585a2.1 2.1 0 0 0 -2.97 -2.97l-8.415 8.385v3h3l8.385 -8.415z", "M16 5l3 3")
+CLOSE_ICON = _svg("M18 6l-12 12", "M6 6l12 12")
+# The chat's buttons, hidden ones included: a hidden button's icon is drawn (and its font fetched) all the same.
+CHAT_BUTTON_ICONS = {
+    "send": SEND_ICON,
+    "stop": _svg("M5 7a2 2 0 0 1 2 -2h10a2 2 0 0 1 2 2v10a2 2 0 0 1 -2 2h-10a2 2 0 0 1 -2 -2z"),
+    "rerun": _svg("M4 12v-3a3 3 0 0 1 3 -3h13m-3 -3l3 3l-3 3", "M20 12v3a3 3 0 0 1 -3 3h-13m3 3l-3 -3l3 -3"),
+    "undo": _svg("M9 11l-4 4l4 4m-4 -4h11a4 4 0 0 0 0 -8h-1"),
+    "clear": _svg("M4 7l16 0", "M10 11l0 6", "M14 11l0 6", "M5 7l1 12a2 2 0 0 0 2 2h8a2 2 0 0 0 2 -2l1 -12",
+                  "M9 7v-3a1 1 0 0 1 1 -1h4a1 1 0 0 1 1 1v3"),
+}
+
+
+def _chat_interface_css() -> str:
+    """Panel's chat stylesheet with the feed's sheet it imports: inlined, the import's relative address would
+    resolve against the notebook's own page."""
+    css = DIST_DIR / "css"
+    own = (css / "chat_interface.css").read_text(encoding="utf-8")
+    return (css / "chat_feed.css").read_text(encoding="utf-8") + own.replace("@import url('chat_feed.css');", "")
+
+
+class InlineChatMessage(pn.chat.ChatMessage):
+    """Panel's chat message with its icons drawn inline (no reactions: the dashboard has none)."""
+
+    def __init__(self, object: Any = None, **params: Any) -> None:
+        params.setdefault("reaction_icons", {})
+        params.setdefault("show_reaction_icons", False)
+        super().__init__(object, **params)
+        self.edit_icon.param.update(icon=EDIT_ICON, active_icon=CLOSE_ICON)
+
+
+class InlineChatInterface(pn.chat.ChatInterface):
+    """Panel's chat for a notebook cell, every sheet and icon inline."""
+
+    _message_type: ClassVar[type[pn.chat.ChatMessage]] = InlineChatMessage
+    _stylesheets: ClassVar[list[str]] = [_chat_interface_css()]
+
+    def __init__(self, *objects: Any, **params: Any) -> None:
+        params.setdefault("button_properties", {name: {"icon": icon} for name, icon in CHAT_BUTTON_ICONS.items()})
+        super().__init__(*objects, **params)
 
 
 @dataclass(frozen=True)
@@ -58,9 +110,11 @@ class Kit:
     def chat(self, **params: Any) -> pn.chat.ChatInterface:
         if self.material:
             return pmui.ChatInterface(**params)
-        # Panel's chat buttons draw icons from a web font on a CDN: inline there are none, the names say it.
         buttons = {name: False for name in ("show_stop", "show_rerun", "show_undo", "show_clear")}
-        return pn.chat.ChatInterface(show_button_name=True, **{**buttons, **params})
+        return InlineChatInterface(show_button_name=True, **{**buttons, **params})
+
+    def message(self, **params: Any) -> pn.chat.ChatMessage:
+        return (pmui.ChatMessage if self.material else InlineChatMessage)(**params)
 
 
 SERVED = Kit(material=True)

@@ -115,6 +115,8 @@ def test_a_second_tab_shows_the_switch_as_it_starts(open_page, demo_server: Serv
     # Pushed by the orchestrator's events, not polled: the other tab shows it as soon as it paints.
     expect(second.locator(".switch-banner")).to_contain_text("Switching", timeout=1500)
     expect(chat_box(second)).to_have_attribute("placeholder", re.compile("Switching to Qwen2.5-32B-Instruct"))
+    expect(chat_box(second)).to_be_disabled()
+    expect(chat_box(first)).to_be_disabled()
     # One number everywhere: the two tabs' banners agree with the picker's row on the percent.
     percent_now = wait_percent_above(second, 0)
     expect(model_row(second, "Qwen2.5-32B-Instruct")).to_contain_text(re.compile(r"loading \d+%"))
