@@ -107,21 +107,32 @@ def test_switch_shows_progress_locks_chat_then_chat_streams(open_page, demo_serv
     expect_reply(page, "[simulated reply from llama-3.1-8b-instruct] You said: what is a shard?", timeout=1000)
 
 
-def test_a_second_tab_shows_the_switch_as_it_starts(open_page, demo_server: Server) -> None:
+def test_a_second_tab_shows_the_switch_as_it_starts_and_locks_its_chat(open_page, demo_server: Server) -> None:
     wait_idle(demo_server)
-    first, second = open_page(), open_page()
+    first = open_page()
+    status = httpx.get(f"{demo_server.url}/v1/models/status", headers=demo_server.headers).json()["models"]
+    if status["llama-3.1-8b-instruct"]["status"] != "running":
+        pick(first, "Llama-3.1-8B-Instruct")
+        wait_idle(demo_server)
+    # The second tab chats with a running model: its input is live when the other tab starts a switch.
+    second = open_page()
+    pick(second, "Llama-3.1-8B-Instruct")
+    expect(chat_box(second)).to_be_enabled(timeout=5000)
+    chat_box(second).fill("before the switch")
+    chat_box(second).press("Enter")
+    expect_reply(second, "[simulated reply from llama-3.1-8b-instruct] You said: before the switch")
     pick(first, "Qwen2.5-32B-Instruct")
     expect(first.locator(".switch-banner")).to_be_visible(timeout=5000)
     # Pushed by the orchestrator's events, not polled: the other tab shows it as soon as it paints.
     expect(second.locator(".switch-banner")).to_contain_text("Switching", timeout=1500)
     expect(chat_box(second)).to_have_attribute("placeholder", re.compile("Switching to Qwen2.5-32B-Instruct"))
     expect(chat_box(second)).to_be_disabled()
-    expect(chat_box(first)).to_be_disabled()
     # One number everywhere: the two tabs' banners agree with the picker's row on the percent.
     percent_now = wait_percent_above(second, 0)
     expect(model_row(second, "Qwen2.5-32B-Instruct")).to_contain_text(re.compile(r"loading \d+%"))
     assert percent_now >= 0
     expect(second.locator(".switch-banner")).to_have_count(0, timeout=30_000)
+    expect(chat_box(second)).to_be_enabled(timeout=5000)
 
 
 def test_cancel_stops_the_switch_and_keeps_the_previous_model(open_page, demo_server: Server) -> None:
