@@ -175,7 +175,6 @@ def serve_command(args: argparse.Namespace) -> int:
     except (ConfigError, DataDirError, UsersFileError, OSError) as exc:
         print(f"smartswitch: {exc}", file=sys.stderr)
         return 2
-    import panel as pn
 
     from dashboard.api.limits import HttpLimits, guard_server
     from dashboard.login import UsersFileAuth, cookie_secret
@@ -186,13 +185,7 @@ def serve_command(args: argparse.Namespace) -> int:
     auth: dict[str, Any] = {} if users_file is None else {
         "auth_provider": UsersFileAuth(users_file), "cookie_secret": cookie_secret(app.data_dir)}
     try:
-        server = pn.serve({"/": app.dashboard}, address=args.host, port=args.port, show=False, start=False,
-                          title="smartswitch", extra_patterns=app.routes,
-                          # Body and header limits and client timeouts hold for every route, before any handler.
-                          http_server_kwargs=limits.server_kwargs(),
-                          # Closed tabs stop costing refreshes within seconds, not the default ~30 s.
-                          check_unused_sessions_milliseconds=2000, unused_session_lifetime_milliseconds=3000,
-                          websocket_origin=hosts.origins(args.port), **auth)
+        server = app.panel_server(args.host, args.port, limits, hosts, **auth)
     except OSError as exc:
         print(f"smartswitch: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}. "
               "Pick another --port.", file=sys.stderr)

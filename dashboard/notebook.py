@@ -225,11 +225,7 @@ class EmbeddedServer:
             hosts = HostPolicy.for_bind(self.host)
             limits = HttpLimits(settings.max_body_bytes, hosts=hosts,
                                 page_views_per_minute=settings.page_views_per_minute)
-            server = pn.serve({"/": self.app.dashboard}, address=self.host, port=self.port, show=False,
-                              start=False, verbose=False, title="smartswitch", extra_patterns=self.app.routes,
-                              http_server_kwargs=limits.server_kwargs(),
-                              check_unused_sessions_milliseconds=2000, unused_session_lifetime_milliseconds=3000,
-                              websocket_origin=hosts.origins(self.port))
+            server = self.app.panel_server(self.host, self.port, limits, hosts, verbose=False)
             guard_server(server, limits)  # before the loop runs: no request is served without it
             server.start()
         except BaseException as exc:
@@ -251,6 +247,9 @@ class EmbeddedServer:
         def halt() -> None:
             try:
                 server.stop()
+                # Panel keeps the session it answers page loads with in process-wide state: a lab made later
+                # in this kernel must not answer with (nor keep alive) a page of this one.
+                pn.state._sessions.clear()
             finally:
                 asyncio.get_event_loop().stop()
 

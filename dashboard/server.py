@@ -12,6 +12,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dashboard.api.auth import check_keys
 from dashboard.api.routes import ApiContext, Route, make_api_context, make_routes
@@ -21,6 +22,10 @@ from dashboard.orchestrator.core import OrchestratorPort
 from dashboard.orchestrator.datadir import prepare_data_dir
 from dashboard.ui.app import Dashboard, create_app
 from dashboard.ui.backend import LocalBackend
+
+if TYPE_CHECKING:
+    from dashboard.api.hosts import HostPolicy
+    from dashboard.api.limits import HttpLimits
 
 log = logging.getLogger(__name__)
 CONFIG_ENV = "SMARTSWITCH_CONFIG"
@@ -46,6 +51,25 @@ class App:
     def dashboard(self) -> Dashboard:
         """A fresh dashboard for one browser session."""
         return create_app(LocalBackend(self.port))
+
+    def panel_server(self, address: str, port: int, limits: HttpLimits, hosts: HostPolicy, *,
+                     verbose: bool = True, **auth: Any) -> Any:
+        """The Panel server of ``smartswitch serve`` and of an embedded lab, not started: the dashboard on
+        "/", the API beside it, the HTTP limits on every request.
+
+        A page view builds no dashboard: Panel sends every visitor the page of one kept session, and a
+        session of their own is made when their browser connects (a dashboard costs about a second of CPU
+        to build, and a plain ``GET /`` — a link preview, a scanner — must not cost that, nor stall the API
+        on the same loop). Closed tabs stop costing refreshes within seconds, not the default ~30 s.
+        """
+        import panel as pn
+
+        pn.config.reuse_sessions = True
+        return pn.serve({"/": self.dashboard}, address=address, port=port, show=False, start=False,
+                        verbose=verbose, title="smartswitch", extra_patterns=self.routes,
+                        http_server_kwargs=limits.server_kwargs(),
+                        check_unused_sessions_milliseconds=2000, unused_session_lifetime_milliseconds=3000,
+                        websocket_origin=hosts.origins(port), **auth)
 
     def close(self, stop_engines: bool = True) -> None:
         """Stop the orchestrator (and its engines unless told not to); it frees the data dir last."""

@@ -15,7 +15,7 @@ from typing import Any
 import panel as pn
 import panel_material_ui as pmui
 import param
-from panel.io.state import set_curdoc
+from panel.io.resources import LOCAL_DIST
 from panel_material_ui.theme import MaterialDesign
 
 from dashboard.client import ApiError
@@ -30,6 +30,7 @@ from dashboard.ui.gauge import GpuGauge
 from dashboard.ui.kit import INLINE, SERVED
 from dashboard.ui.manager import ModelManager
 from dashboard.ui.picker import ModelPicker, picker_rows
+from dashboard.ui.session import SoonInSession, forget_session
 from dashboard.ui.state import DashboardState
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,7 @@ class Dashboard(pn.viewable.Viewer):
         self._show_picker()
         self._callback: Any = None
         self._unsubscribe: Any = None
-        self._doc: Any = None
-        self._refresh_pending = False
+        self._refresh_in_session = SoonInSession(self.refresh)
 
     # State -> views ---------------------------------------------------------------------------
     def _show_picker(self, *_: Any) -> None:
@@ -105,25 +105,11 @@ class Dashboard(pn.viewable.Viewer):
             log.exception("status refresh failed")
 
     def refresh_soon(self) -> None:
-        """Refresh in this session, from any thread: through the document's next-tick callback, the one
-        thread-safe way in. It runs on the session's loop holding the document's lock, so the changes reach
-        the browser (made from a plain loop callback, they would stay on the server)."""
-        doc = self._doc
-        if doc is None:
+        """Refresh in this page's session, from any thread (outside a session: now)."""
+        if self._refresh_in_session.doc is None:
             self.refresh()
-            return
-        if self._refresh_pending:
-            return  # a burst of events needs one refresh, not one each
-        self._refresh_pending = True
-
-        def run() -> None:
-            self._refresh_pending = False
-            with set_curdoc(doc):
-                self.refresh()
-        try:
-            doc.add_next_tick_callback(run)
-        except Exception:  # the session is gone (its unsubscribe is on its way)
-            self._refresh_pending = False
+        else:
+            self._refresh_in_session()
 
     async def pick(self, model_id: str) -> None:
         s = self.state
@@ -207,7 +193,7 @@ class Dashboard(pn.viewable.Viewer):
 
     def __panel__(self) -> pn.viewable.Viewable:
         if self.kit.material:
-            self._doc = pn.state.curdoc
+            self._refresh_in_session.doc = pn.state.curdoc
             self._push()
             pn.state.on_session_destroyed(self.stop_polling)
             pn.state.onload(self._resend)
@@ -220,6 +206,7 @@ class Dashboard(pn.viewable.Viewer):
             width = pmui.BreakpointSwitcher(breakpoint="md", small=narrow, large=wide, width=0, height=0)
             page = pmui.Page(title="smartswitch", header=[self.picker, pn.HSpacer(), self._user_badge(), width],
                              sidebar=[side], main=[main], sidebar_width=330, theme_toggle=True)
+            pn.state.on_session_destroyed(forget_session(page))
 
             def fit(event: Any) -> None:
                 small = event.new is narrow
@@ -262,6 +249,13 @@ def create_app(backend: LocalBackend | RemoteBackend) -> Dashboard:
     logged-in user's, or on an open loopback server the account that runs it (the only one who can reach it)."""
     pn.config.notifications = True  # refusals (switches per minute) show as a toast
     pn.config.design = MaterialDesign  # this session's Panel widgets (tables, panes) in Material's look
+    doc = pn.state.curdoc
+    if doc is not None:
+        # Panel points its components at its stylesheets on this server when it renders a session's page;
+        # a session made when a browser connects (every one but the kept one) has no page of its own, and
+        # its components would ask the CDN for them.
+        rel = pn.state.rel_path
+        doc.template_variables.setdefault("dist_url", f"{rel}/{LOCAL_DIST}" if rel else LOCAL_DIST)
     return Dashboard(backend, user=pn.state.user or local_user())
 
 

@@ -90,8 +90,12 @@ def idle_html(s: DashboardState) -> str:
     chosen = s.selected_model or s.active_model
     model = next((m for m in s.models if m["id"] == chosen), None)
     if model is None:
-        return ("<div class='chat-header empty'><span class='dot'></span><div><div class='title'>No model loaded"
-                "</div><div class='sub'>Pick one in the header to load it and chat.</div></div></div>")
+        # Pre-warmed or adopted after a restart: loaded, but nobody chose one to chat with yet.
+        loaded = [e(m["name"]) for m in s.models if m["status"] in (S.RUNNING, S.SLEEPING)]
+        title, sub = ("No model chosen", f"Loaded: {', '.join(loaded)}. Pick one in the header to chat.") if loaded \
+            else ("No model loaded", "Pick one in the header to load it and chat.")
+        return (f"<div class='chat-header empty'><span class='dot'></span><div><div class='title'>{title}</div>"
+                f"<div class='sub'>{sub}</div></div></div>")
     if model["status"] == S.STOPPED:
         return (f"<div class='chat-header empty'><span class='dot'></span><div><div class='title'>"
                 f"{e(model['name'])} is not loaded</div><div class='sub'>Pick it in the header to load it, or "
@@ -245,7 +249,7 @@ class SwitchBanner(pn.viewable.Viewer):
     def _offer_unpin(self) -> None:
         """Unpin only for models a person pinned (the catalog's preserve_models cannot be unpinned here)."""
         names = [self.state.name_of(m) for m in (self.state.error or {}).get("unpinnable") or []]
-        self.kit.relabel(self._unpin, f"Unpin {', '.join(names)}" if names else "Unpin")
+        self._unpin.label = f"Unpin {', '.join(names)}" if names else "Unpin"
         self._unpin.visible = bool(names)
 
     def __panel__(self) -> pn.viewable.Viewable:

@@ -15,7 +15,6 @@ import httpx
 import panel as pn
 import panel_material_ui as pmui
 import param
-from panel.io.state import set_curdoc
 
 from dashboard.conversations import (
     MEMORY,
@@ -29,6 +28,7 @@ from dashboard.conversations import (
 )
 from dashboard.errors import SmartswitchError
 from dashboard.ui.kit import SERVED, Kit
+from dashboard.ui.session import SoonInSession
 from dashboard.ui.state import DashboardState
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,8 @@ class ChatPanel(pn.viewable.Viewer):
         self._conversation: int | None = None  # what the feed shows
         self._shown: list[int] = []  # the ids of the feed's messages, in its order
         self._replying = False
-        self._doc: Any = None
+        self._sync_in_session = SoonInSession(self._sync_loaded)
         self._unsubscribe: Callable[[], None] | None = None
-        self._sync_pending = False
         self._loaded = False  # in a browser session: whether its page has loaded
         self.state.param.watch(self._apply_lock, ["chat_locked", "lock_reason"])
         # The feed restores `disabled` after each reply: re-apply our lock whenever it changes.
@@ -235,26 +234,9 @@ class ChatPanel(pn.viewable.Viewer):
         return self.kit.message(**params)
 
     # Other tabs' writes ---------------------------------------------------------------------------
-    def _changed(self) -> None:
-        """The user's conversations changed (called on any thread): sync in this session.
-
-        Through the document's next-tick callback: Bokeh's thread-safe way in, run on the session's loop
-        with the document locked, as Panel's own callbacks are.
-        """
-        doc = self._doc
-        if doc is None or self._sync_pending:
-            return  # a burst of writes needs one sync, not one each
-        self._sync_pending = True
-
-        def run() -> None:
-            self._sync_pending = False
-            if self._loaded:  # else the sync when the page has loaded shows it
-                with set_curdoc(doc):
-                    self.sync()
-        try:
-            doc.add_next_tick_callback(run)
-        except Exception:  # the session is gone (its unsubscribe is on its way)
-            self._sync_pending = False
+    def _sync_loaded(self) -> None:
+        if self._loaded:  # else the sync when the page has loaded shows it
+            self.sync()
 
     def _on_load(self) -> None:
         # Panel drops changes made between a page's first pull of the document and its load (it holds
@@ -380,8 +362,9 @@ class ChatPanel(pn.viewable.Viewer):
     def __panel__(self) -> pn.viewable.Viewable:
         doc = pn.state.curdoc
         if self._unsubscribe is None and doc is not None and doc.session_context is not None:
-            self._doc = doc
-            self._unsubscribe = self.store.subscribe(self.user, self._changed)
+            self._sync_in_session.doc = doc
+            # The user's conversations changed (told on any thread): sync in this session.
+            self._unsubscribe = self.store.subscribe(self.user, self._sync_in_session)
             pn.state.on_session_destroyed(self._stop)
             pn.state.onload(self._on_load)
         return self._layout

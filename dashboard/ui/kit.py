@@ -80,11 +80,8 @@ class Kit:
         if self.material:
             return pmui.Button(label=label, variant=variant, color=color, size="small", css_classes=[css],
                                **params)
-        return pn.widgets.Button(name=label, button_type=COLOR_TO_TYPE.get(color, "default"),
-                                 button_style=VARIANT_TO_STYLE[variant], css_classes=[css], **params)
-
-    def relabel(self, button: Any, label: str) -> None:
-        button.param.update(**{"label" if self.material else "name": label})
+        return pn.widgets.Button(label=label, color=COLOR_TO_TYPE.get(color, "default"),
+                                 variant=VARIANT_TO_STYLE[variant], css_classes=[css], **params)
 
     def alert(self, css: str, *, object: Any = "", title: Any = None, severity: str = "info",
               **params: Any) -> Any:

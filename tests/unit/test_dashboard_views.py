@@ -85,6 +85,14 @@ def test_the_idle_strip_names_the_model_in_use_or_asks_for_one() -> None:
     assert "No model loaded" in idle_html(DashboardState())
 
 
+def test_the_idle_strip_does_not_say_nothing_is_loaded_when_models_are_but_none_is_chosen() -> None:
+    state = DashboardState()  # pre-warmed, or adopted after a restart: loaded, not chosen
+    state.apply(snapshot([model("a", "running", warm=True), model("b", "sleeping"), model("c", "stopped")]))
+    header = idle_html(state)
+    assert "No model loaded" not in header
+    assert "No model chosen" in header and "Loaded: A, B. Pick" in header
+
+
 def test_a_confirmation_to_replace_a_switch_closes_when_that_switch_ends() -> None:
     state = DashboardState()
     state.apply(snapshot([model("a", "running"), model("b", "loading"), model("c", "stopped")],
