@@ -247,9 +247,6 @@ class EmbeddedServer:
         def halt() -> None:
             try:
                 server.stop()
-                # Panel keeps the session it answers page loads with in process-wide state: a lab made later
-                # in this kernel must not answer with (nor keep alive) a page of this one.
-                pn.state._sessions.clear()
             finally:
                 asyncio.get_event_loop().stop()
 

@@ -57,14 +57,11 @@ class App:
         """The Panel server of ``smartswitch serve`` and of an embedded lab, not started: the dashboard on
         "/", the API beside it, the HTTP limits on every request.
 
-        A page view builds no dashboard: Panel sends every visitor the page of one kept session, and a
-        session of their own is made when their browser connects (a dashboard costs about a second of CPU
-        to build, and a plain ``GET /`` — a link preview, a scanner — must not cost that, nor stall the API
-        on the same loop). Closed tabs stop costing refreshes within seconds, not the default ~30 s.
+        Closed tabs (and page loads no browser follows) stop costing refreshes within seconds, not the
+        default ~30 s.
         """
         import panel as pn
 
-        pn.config.reuse_sessions = True
         return pn.serve({"/": self.dashboard}, address=address, port=port, show=False, start=False,
                         verbose=verbose, title="smartswitch", extra_patterns=self.routes,
                         http_server_kwargs=limits.server_kwargs(),

@@ -15,7 +15,6 @@ from typing import Any
 import panel as pn
 import panel_material_ui as pmui
 import param
-from panel.io.resources import LOCAL_DIST
 from panel_material_ui.theme import MaterialDesign
 
 from dashboard.client import ApiError
@@ -249,13 +248,6 @@ def create_app(backend: LocalBackend | RemoteBackend) -> Dashboard:
     logged-in user's, or on an open loopback server the account that runs it (the only one who can reach it)."""
     pn.config.notifications = True  # refusals (switches per minute) show as a toast
     pn.config.design = MaterialDesign  # this session's Panel widgets (tables, panes) in Material's look
-    doc = pn.state.curdoc
-    if doc is not None:
-        # Panel points its components at its stylesheets on this server when it renders a session's page;
-        # a session made when a browser connects (every one but the kept one) has no page of its own, and
-        # its components would ask the CDN for them.
-        rel = pn.state.rel_path
-        doc.template_variables.setdefault("dist_url", f"{rel}/{LOCAL_DIST}" if rel else LOCAL_DIST)
     return Dashboard(backend, user=pn.state.user or local_user())
 
 
