@@ -648,8 +648,8 @@ def render(r: dict[str, Any]) -> str:
             text += [
                 f"### {v['views']} page views", "",
                 f"`GET /` {v['views']} times in a row ({v['views_per_s']:.1f} a second), no browser (a link preview,"
-                " a scanner). Panel answers each with the page of one kept session: a dashboard is built only"
-                " when a browser connects. Meanwhile a client reads `GET /v1/models/status` back to back.", "",
+                " a scanner): each makes a session the server must give back. Meanwhile a client reads"
+                " `GET /v1/models/status` back to back.", "",
                 markdown_table(["measure", "value", "target"], [
                     ["server CPU per page view", f"{v['cpu_s_per_view'] * 1000:.0f} ms", ""],
                     ["server memory: idle → peak → sessions given back",
