@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import panel as pn
+
 from dashboard.api.auth import check_keys
 from dashboard.api.routes import ApiContext, Route, make_api_context, make_routes
 from dashboard.config import Config, load_config
@@ -60,8 +62,6 @@ class App:
         Closed tabs (and page loads no browser follows) stop costing refreshes within seconds, not the
         default ~30 s.
         """
-        import panel as pn
-
         return pn.serve({"/": self.dashboard}, address=address, port=port, show=False, start=False,
                         verbose=verbose, title="smartswitch", extra_patterns=self.routes,
                         http_server_kwargs=limits.server_kwargs(),

@@ -26,24 +26,24 @@ _filled: weakref.WeakSet[Document] = weakref.WeakSet()  # the documents whose ca
 
 
 @functools.cache
-def data_sheets() -> dict[str, str]:
-    """Each address Panel gives one of its sheets (on its CDN or its server, with and without the version
-    suffix) -> the sheet as a data: address."""
-    sheets = {}
+def data_sheets() -> list[tuple[str, tuple[str, ...]]]:
+    """Each of Panel's sheets as a data: address, with every address Panel gives it (on its CDN or its
+    server, with and without the version suffix)."""
+    sheets = []
     for folder in SHEET_FOLDERS:
         for path in sorted((DIST_DIR / folder).glob("*.css")):
             data = f"data:text/css;base64,{base64.b64encode(path.read_bytes()).decode()}"
-            for dist in (CDN_DIST, LOCAL_DIST):
-                url = f"{dist}{folder}/{path.name}"
-                sheets[url] = sheets[f"{url}?v={JS_VERSION}"] = data
+            urls = [f"{dist}{folder}/{path.name}" for dist in (CDN_DIST, LOCAL_DIST)]
+            sheets.append((data, (*urls, *(f"{url}?v={JS_VERSION}" for url in urls))))
     return sheets
 
 
 def fill_cache(doc: Document) -> None:
-    """Make Panel's sheets of ``doc`` data: addresses (a Bokeh model belongs to one document: new ones)."""
+    """Make Panel's sheets of ``doc`` data: addresses: one model per sheet, whichever address names it (a
+    Bokeh model belongs to one document: new ones for each)."""
     cache = state._stylesheets.setdefault(doc, {})
-    for url, data in data_sheets().items():
-        cache[url] = ImportedStyleSheet(url=data)
+    for data, urls in data_sheets():
+        cache.update(dict.fromkeys(urls, ImportedStyleSheet(url=data)))
     _filled.add(doc)
 
 

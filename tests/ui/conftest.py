@@ -28,6 +28,14 @@ def running_server(factory: pytest.TempPathFactory, name: str, catalog: str) -> 
     wait_for(lambda: not sim_processes(), timeout=15, message="every sim engine to exit with the server")
 
 
+def demo_catalog(extra: str = "") -> str:
+    """The demo catalog (plus ``extra`` models) allowing more switches: the demo allows 6 a minute per user,
+    and a module's tests make more than that in a minute."""
+    catalog = demo_path().read_text().replace("switches_per_minute = 6", "switches_per_minute = 100")
+    assert "switches_per_minute = 100" in catalog
+    return catalog + extra
+
+
 OFF_HOST = re.compile(r"^https?://(?!127\.0\.0\.1[:/]).*")
 LOCAL_USER = getpass.getuser()  # who a page on an open loopback server acts for
 
@@ -84,10 +92,7 @@ def open_tab(page: Page, name: str) -> None:
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    # The demo allows 6 switches a minute per user; this module's tests make more than that in a minute.
-    catalog = demo_path().read_text().replace("switches_per_minute = 6", "switches_per_minute = 100")
-    assert "switches_per_minute = 100" in catalog
-    yield from running_server(tmp_path_factory, "ui", catalog)
+    yield from running_server(tmp_path_factory, "ui", demo_catalog())
 
 
 @pytest.fixture(scope="session")

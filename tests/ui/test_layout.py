@@ -13,9 +13,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from dashboard.config import demo_path
 from tests.conftest import Server, wait_for
-from tests.ui.conftest import model_row, open_tab, pages_on, pick, running_server
+from tests.ui.conftest import demo_catalog, model_row, open_tab, pages_on, pick, running_server
 from tests.ui.test_dashboard import chat_box, expect_reply, wait_idle, wait_percent_above
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -30,8 +29,7 @@ args = ["--load-seconds", "1.0", "--fail-at", "weights"]
 
 @pytest.fixture(scope="module")
 def layout_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    catalog = demo_path().read_text().replace("switches_per_minute = 6", "switches_per_minute = 100") + BROKEN
-    yield from running_server(tmp_path_factory, "ui-layout", catalog)
+    yield from running_server(tmp_path_factory, "ui-layout", demo_catalog(BROKEN))
 
 
 def status(server: Server) -> dict:
