@@ -12,7 +12,7 @@ from dashboard.errors import OperationInProgress
 from dashboard.events import CancelledEvent, CompleteEvent, ErrorEvent, ProgressEvent, StageEvent
 from dashboard.orchestrator.manager import Superseded
 from dashboard.orchestrator.states import TRANSITIONS, InvalidTransition, ModelStatus, check_transition
-from tests.unit.fake_engine import Harness
+from tests.unit.fake_engine import FakeFactory, Harness
 
 
 @pytest.fixture
@@ -255,13 +255,16 @@ async def test_a_switch_cut_by_a_crash_restores_what_it_unloaded_on_the_next_sta
     h.orch.save_desired()
     h.history.flush(5)
     h.history.close()  # the process dies here: nothing else is written
-    dead = [t for t in (h.orch.op.task, *h.orch._background) if t is not None]
-    for task in dead:  # and its tasks with it (their writes to the closed file fail, as they would)
-        task.cancel()
-    await asyncio.gather(*dead, return_exceptions=True)
-    again = await Harness(tmp_path).start()
+    # ... and its tasks with it, the rollback their cancel hands over to included (their writes to the
+    # closed file fail, as they would).
+    while dead := [t for t in (h.orch.op and h.orch.op.task, *h.orch._background) if t is not None and not t.done()]:
+        for task in dead:
+            task.cancel()
+        await asyncio.gather(*dead, return_exceptions=True)
+    factory = FakeFactory()
+    factory.auto_ready.add("qwen")  # before start: the restore may begin inside it
+    again = await Harness(tmp_path, factory=factory).start()
     try:
-        again.factory.auto_ready.add("qwen")
         await again.until(lambda: again.status("qwen") == "running", "qwen restored")
         await again.until(lambda: again.orch.op is None, "the rollback to end")
         assert again.orch.active == "qwen"
