@@ -39,8 +39,10 @@ FATAL = re.compile(
     r"EngineDeadError|"
     r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception): "
 )
-# Lines that mention errors without being one (config dumps, warnings).
-NOT_FATAL = re.compile(r"with config:|non-default args|^\[W\d|Warning|deprecat", re.I)
+# Lines that mention errors without being one (config dumps, warnings). A client that went away mid-answer
+# (a timed-out health probe, a closed tab) leaves a traceback in the engine's log: the engine goes on serving.
+NOT_FATAL = re.compile(r"with config:|non-default args|^\[W\d|Warning|deprecat|"
+                       r"BrokenPipeError|ConnectionResetError|ConnectionAbortedError|ClientDisconnect", re.I)
 # Lines that never explain a failure: shutdown chatter, leak reports, the ASCII banner, links.
 TAIL_NOISE = re.compile(r"^\[shutdown\]|^- |^nanobind|^See https?:|^For further information|"
                         r"resource_tracker|^INFO:|[█▄▀]")

@@ -117,7 +117,9 @@ class Switching:
                                  op.progress.bytes_total)
         self.history.record_milestones(target.id, op.progress.milestone_timings())
         self._expected.pop(target.id, None)
-        await self.refresh_gpu()
+        # The engine answers: the switch ends now. The memory it holds is read by the refresh its supervisor
+        # starts on ready; awaited here too, that read (a thread) would wait behind every page's refresh of
+        # the ready status before the chat could unlock. The next switch reads the GPU again before it plans.
         self.tick(op)
         return CompleteEvent(op.id, "success", target.id, op.elapsed())
 

@@ -16,6 +16,7 @@ import param
 
 from dashboard.orchestrator.states import ModelStatus
 from dashboard.ui.kit import SERVED, Kit
+from dashboard.ui.live_html import LiveHTML
 from dashboard.ui.state import DashboardState
 from dashboard.ui.theme import format_bytes
 
@@ -76,9 +77,12 @@ def switch_html(s: DashboardState) -> str:
             if s.bytes_total else "")
     slow = ("<div class='slow'>This may take a while"
             + (": the checkpoint reads slower than usual." if s.slow else ".") + "</div>") if takes_a_while(s) else ""
+    # Cancel is part of the text: a widget shown and hidden with each switch costs the page a new layout.
+    cancel = ("<button class='cancel-switch' data-action='cancel' type='button'>Cancel</button>"
+              if s.stage != "cancelling" else "")
     return (
         f"<div class='switch-banner {kind}' role='status'>"
-        f"<div class='head'><span class='spinner'></span><span class='title'>{head}</span></div>{steps}"
+        f"<div class='head'><span class='spinner'></span><span class='title'>{head}</span>{cancel}</div>{steps}"
         f"<div class='bar'><div class='fill' style='width:{s.progress}%'></div>"
         f"<span class='percent'>{s.progress}%</span></div>"
         f"<div class='numbers'><span class='eta'>{eta_text(s.eta_s)}</span>{size}</div>{slow}</div>")
@@ -129,6 +133,12 @@ CSS = f"""
   border-left: 4px solid var(--accent); border-radius: 10px; overflow: hidden; }}
 .switch-banner.cancelling, .switch-banner.rolling-back {{ border-left-color: #ef6c00; }}
 .head {{ display: flex; align-items: center; gap: 10px; }}
+.cancel-switch {{ margin-left: auto; flex: none; padding: 3px 10px; font: 500 13px/1.6 Roboto, system-ui, sans-serif;
+  letter-spacing: 0.03em; text-transform: uppercase; color: #d32f2f; background: none; border: 1px solid #d32f2f80;
+  border-radius: 4px; cursor: pointer; }}
+.cancel-switch:hover {{ background: #d32f2f0d; border-color: #d32f2f; }}
+.cancel-switch:disabled {{ opacity: 0.5; cursor: default; }}
+.wrap.dark .cancel-switch {{ color: #f44336; border-color: #f4433680; }}
 .title {{ overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }}
 .spinner {{ flex: none; width: 14px; height: 14px; border-radius: 50%; border: 2px solid var(--track);
   border-top-color: var(--accent); animation: spin 0.8s linear infinite; }}
@@ -175,16 +185,7 @@ class SwitchBanner(pn.viewable.Viewer):
                  **params: Any) -> None:
         super().__init__(**params)
         self.kit = kit
-        self._cancel = kit.button("Cancel", "cancel-switch", color="error", variant="outlined", margin=(8, 10))
-
-        async def cancel(_: Any) -> None:
-            self._cancel.disabled = True
-            try:
-                await on_cancel()
-            finally:
-                self._cancel.disabled = False
-
-        self._cancel.on_click(cancel)
+        self._on_cancel = on_cancel
         self._retry = kit.button("Retry", "retry-switch")
         self._manage = kit.button("Open model manager", "open-manager", variant="outlined")
         self._unpin = kit.button("Unpin", "unpin-blocker", variant="outlined")
@@ -218,6 +219,10 @@ class SwitchBanner(pn.viewable.Viewer):
         s = self.state
         body = switch_html(s) if s.switching else idle_html(s)
         return f"<div class='wrap{' dark' if self.dark else ''}'>{body}</div>"
+
+    async def _act(self, action: str) -> None:
+        if action == "cancel":
+            await self._on_cancel()
 
     def _failed(self) -> bool:
         error = self.state.error
@@ -253,11 +258,9 @@ class SwitchBanner(pn.viewable.Viewer):
         self._unpin.visible = bool(names)
 
     def __panel__(self) -> pn.viewable.Viewable:
-        # Panes bound to methods that return text are updated in place; a new pane each time would replace
-        # it in every open page (and make Bokeh recompute the whole document).
-        text = pn.pane.HTML(self._text, sizing_mode="stretch_width", margin=0, stylesheets=[CSS])
-        strip = pn.Row(text, pn.Row(self._cancel, visible=self.state.param.switching), visible=self._strip_visible,
-                       sizing_mode="stretch_width", height=HEIGHT, margin=(6, 10))
+        # Bound to a method, the text is updated in place: only the new text travels on each progress step.
+        strip = LiveHTML(object=self._text, on_action=self._act, visible=self._strip_visible,
+                         sizing_mode="stretch_width", height=HEIGHT, margin=(6, 10), stylesheets=[CSS])
         alert = self.kit.alert("switch-error", object=self._error_message, title=self._error_title, severity="error",
                                sizing_mode="stretch_width", margin=0)
         actions = pn.Row(self._retry, self._manage, self._unpin, self._dismiss, margin=(4, 0))

@@ -28,6 +28,7 @@ from dashboard.conversations import (
 )
 from dashboard.errors import SmartswitchError
 from dashboard.ui.kit import SERVED, Kit
+from dashboard.ui.live_html import LiveHTML
 from dashboard.ui.session import SoonInSession
 from dashboard.ui.state import DashboardState
 
@@ -137,7 +138,7 @@ class ChatPanel(pn.viewable.Viewer):
         self.picker.param.watch(self._pick, "value")
         self.new_button.on_click(self._start_new)
         self.clear_button.on_click(self._clear)
-        self.empty = pn.pane.HTML(self._empty_text, css_classes=["chat-empty"], sizing_mode="stretch_width",
+        self.empty = LiveHTML(object=self._empty_text, css_classes=["chat-empty"], sizing_mode="stretch_width",
                                   styles={"color": "#687080", "text-align": "center", "font-size": "15px"})
         self.chat.param.watch(lambda event: setattr(self.empty, "visible", not event.new), "objects")
         self._layout = pn.Column(pn.Row(self.picker, self.new_button, self.clear_button, sizing_mode="stretch_width"),

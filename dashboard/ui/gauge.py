@@ -10,6 +10,7 @@ from bokeh.models import ColumnDataSource
 from bokeh.plotting import figure
 
 from dashboard.ui.bokeh_update import update_bokeh
+from dashboard.ui.live_html import LiveHTML
 from dashboard.ui.state import DashboardState
 from dashboard.ui.theme import model_colour, time_axis
 
@@ -93,7 +94,7 @@ class GpuGauge(pn.viewable.Viewer):
                 f"<span class='figures'>{device['used_gb']:.0f} / {device['total_gb']:.0f} GB</span></div>")
 
     def __panel__(self) -> pn.viewable.Viewable:
-        # A pane bound to a method returning text is updated in place, not replaced.
+        # Bound to a method, the figures are updated in place: only the new text travels.
         return pn.Column(pn.pane.Markdown("#### GPU memory", margin=(0, 5)),
-                         pn.pane.HTML(self._bar, sizing_mode="stretch_width"),
+                         LiveHTML(object=self._bar, sizing_mode="stretch_width"),
                          pn.pane.Bokeh(self._plot, sizing_mode="stretch_width"), sizing_mode="stretch_width")

@@ -94,6 +94,9 @@ P = "(Worker pid=12) INFO 11-28 18:04:10 [gpu_model_runner.py:1] "
     (P.replace("INFO", "WARNING") + "Error-prone setting, ignoring", None),
     ("[W1128 18:04:10.365115306 utils.cpp:68] Warning: NUMA binding", None),
     (P + "Initializing a V1 LLM engine with config: error_mode=raise", None),
+    # A client gone mid-answer is not the engine failing (it once failed a serving model under load).
+    ("BrokenPipeError: [Errno 32] Broken pipe", None),
+    ("ConnectionResetError: [Errno 104] Connection reset by peer", None),
 ])
 def test_gpu_and_cpu_formats(line: str, expected: sig.EngineSignal | None) -> None:
     assert parse_line(line) == expected
