@@ -133,9 +133,8 @@ CSS = f"""
   border-left: 4px solid var(--accent); border-radius: 10px; overflow: hidden; }}
 .switch-banner.cancelling, .switch-banner.rolling-back {{ border-left-color: #ef6c00; }}
 .head {{ display: flex; align-items: center; gap: 10px; }}
-.cancel-switch {{ margin-left: auto; flex: none; padding: 3px 10px; font: 500 13px/1.6 Roboto, system-ui, sans-serif;
-  letter-spacing: 0.03em; text-transform: uppercase; color: #d32f2f; background: none; border: 1px solid #d32f2f80;
-  border-radius: 4px; cursor: pointer; }}
+.cancel-switch {{ margin-left: auto; flex: none; padding: 4px 10px; font: 500 13px/1.6 Roboto, system-ui, sans-serif;
+  color: #d32f2f; background: none; border: 1px solid #d32f2f80; border-radius: 4px; cursor: pointer; }}
 .cancel-switch:hover {{ background: #d32f2f0d; border-color: #d32f2f; }}
 .cancel-switch:disabled {{ opacity: 0.5; cursor: default; }}
 .wrap.dark .cancel-switch {{ color: #f44336; border-color: #f4433680; }}

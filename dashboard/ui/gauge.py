@@ -96,5 +96,5 @@ class GpuGauge(pn.viewable.Viewer):
     def __panel__(self) -> pn.viewable.Viewable:
         # Bound to a method, the figures are updated in place: only the new text travels.
         return pn.Column(pn.pane.Markdown("#### GPU memory", margin=(0, 5)),
-                         LiveHTML(object=self._bar, sizing_mode="stretch_width"),
+                         LiveHTML(object=self._bar, sizing_mode="stretch_width", margin=(5, 10)),
                          pn.pane.Bokeh(self._plot, sizing_mode="stretch_width"), sizing_mode="stretch_width")
