@@ -689,8 +689,9 @@ def render(r: dict[str, Any]) -> str:
             text += [
                 f"### {v['views']} page views", "",
                 f"`GET /` {v['views']} times in a row ({v['views_per_s']:.1f} a second), no browser (a link preview,"
-                " a scanner): each makes a session the server must give back. Meanwhile a client reads"
-                " `GET /v1/models/status` back to back.", "",
+                " a scanner): each makes a session the server must give back. The page leaves light (header,"
+                " GPU gauge, a spinner): its dashboard is made only when a browser has loaded it, which these"
+                " views never do. Meanwhile a client reads `GET /v1/models/status` back to back.", "",
                 markdown_table(["measure", "value", "target"], [
                     ["server CPU per page view", f"{v['cpu_s_per_view'] * 1000:.0f} ms", ""],
                     ["server memory: idle → peak → sessions given back",

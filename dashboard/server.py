@@ -22,7 +22,7 @@ from dashboard.config import Config, load_config
 from dashboard.conversations import close_store
 from dashboard.orchestrator.core import OrchestratorPort
 from dashboard.orchestrator.datadir import prepare_data_dir
-from dashboard.ui.app import Dashboard, create_app
+from dashboard.ui.app import create_app
 from dashboard.ui.backend import LocalBackend
 
 if TYPE_CHECKING:
@@ -50,8 +50,8 @@ class App:
     def data_dir(self) -> Path:
         return self.port.data_dir
 
-    def dashboard(self) -> Dashboard:
-        """A fresh dashboard for one browser session."""
+    def dashboard(self) -> pn.viewable.Viewable:
+        """One browser session's page (its dashboard made once the browser has loaded it)."""
         return create_app(LocalBackend(self.port))
 
     def panel_server(self, address: str, port: int, limits: HttpLimits, hosts: HostPolicy, *,

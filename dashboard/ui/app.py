@@ -1,6 +1,7 @@
 """The dashboard: header model picker, switching strip, locked chat, manager, activity and GPU gauge.
 
-One ``Dashboard`` per session (a browser tab or a notebook cell) over a backend. It holds no copy of the
+One ``Dashboard`` per session (a browser tab or a notebook cell) over a backend; a tab's is made once its page
+has loaded (``served_page``), so a page view no browser follows costs little. It holds no copy of the
 orchestrator's data beyond the session's ``DashboardState``, which the orchestrator's events refresh
 (pushed: a switch shows in every tab as soon as it starts); a slow heartbeat only feeds the memory plot.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import panel as pn
@@ -47,8 +49,10 @@ class Dashboard(pn.viewable.Viewer):
     poll_ms = param.Integer(default=None, allow_None=True, bounds=(100, None),
                             doc="Refresh period (default: a heartbeat with events, a poll without).")
 
-    def __init__(self, backend: LocalBackend | RemoteBackend, user: str | None = None, **params: Any) -> None:
-        super().__init__(state=DashboardState(), **params)
+    def __init__(self, backend: LocalBackend | RemoteBackend, user: str | None = None,
+                 gauge: GpuGauge | None = None, **params: Any) -> None:
+        # A served page's gauge is made before the dashboard (see ``served_page``): its state is this one's.
+        super().__init__(state=gauge.state if gauge is not None else DashboardState(), **params)
         self.kit = SERVED if served() else INLINE  # Material UI in a page, Panel's own inline in a notebook
         self.backend = backend
         self.user = user or "anonymous"
@@ -63,7 +67,7 @@ class Dashboard(pn.viewable.Viewer):
                               user=self.user, kit=self.kit)
         self.manager = ModelManager(state=self.state, act=self.act, load_history=backend.load_history, kit=self.kit)
         self.activity = ActivityLog(state=self.state, audit_log=backend.audit_log)
-        self.gauge = GpuGauge(state=self.state)
+        self.gauge = gauge or GpuGauge(state=self.state)
         self.tabs = self.kit.tabs(*zip(TABS, (self.chat, self.manager, self.activity), strict=True),
                                   sizing_mode="stretch_both", dynamic=False, css_classes=["main-tabs"])
         self.tabs.param.watch(self._tab_opened, "active")
@@ -192,37 +196,43 @@ class Dashboard(pn.viewable.Viewer):
 
     def __panel__(self) -> pn.viewable.Viewable:
         if self.kit.material:
-            self._refresh_in_session.doc = pn.state.curdoc
-            self._push()
-            pn.state.on_session_destroyed(self.stop_polling)
-            pn.state.onload(self._resend)
-        self.start_polling()
-        main = pn.Column(self.banner, self.confirm, self.tabs, sizing_mode="stretch_both", margin=0)
-        side = pn.Column(self._welcome_back(), self.gauge, sizing_mode="stretch_width")
-        if self.kit.material:
-            # Below 900 px (Material's "md") the sidebar is a drawer, closed: the chat gets the width.
-            narrow, wide = pn.Spacer(width=0, height=0), pn.Spacer(width=0, height=0)
-            width = pmui.BreakpointSwitcher(breakpoint="md", small=narrow, large=wide, width=0, height=0)
-            page = pmui.Page(title="smartswitch", header=[self.picker, pn.HSpacer(), self._user_badge(), width],
-                             sidebar=[side], main=[main], sidebar_width=330, theme_toggle=True)
-            pn.state.on_session_destroyed(forget_session(page))
-
-            def fit(event: Any) -> None:
-                small = event.new is narrow
-                # Changes made while the page still loads never reach it: after the load, then.
-                pn.state.onload(lambda: page.param.update(sidebar_variant="temporary" if small else "persistent",
-                                                          sidebar_open=not small))
-
-            width.param.watch(fit, "current")
-            page.param.watch(lambda event: self._follow_theme(event.new), "dark_theme")
-            self._follow_theme(page.dark_theme)
-            return page
+            light = LightPage.around(self.gauge)
+            self.fill(light)
+            return light.page
         # Inline (a notebook cell): a fixed height that shows the chat without an inner scroll.
+        self.start_polling()
         header = pn.Row(pn.pane.HTML("<b style='font:600 17px Roboto,sans-serif'>smartswitch</b>",
                                      align="center"), self.picker, sizing_mode="stretch_width",
                         styles={"background": "#3f51b5", "border-radius": "8px", "padding": "4px 10px"})
-        return pn.Column(header, pn.Row(main, pn.Column(side, width=300), sizing_mode="stretch_both"),
+        side = pn.Column(self._welcome_back(), self.gauge, width=300)
+        main = pn.Column(self.banner, self.confirm, self.tabs, sizing_mode="stretch_both", margin=0)
+        return pn.Column(header, pn.Row(main, side, sizing_mode="stretch_both"),
                          height=NOTEBOOK_HEIGHT, sizing_mode="stretch_width")
+
+    def fill(self, light: LightPage) -> None:
+        """Show this dashboard in its session's page (``LightPage``), pushed by the orchestrator's events."""
+        page = light.page
+        self._refresh_in_session.doc = pn.state.curdoc
+        self._push()
+        pn.state.on_session_destroyed(self.stop_polling)
+        self.start_polling()
+        # Below 900 px (Material's "md") the sidebar is a drawer, closed: the chat gets the width.
+        narrow, wide = pn.Spacer(width=0, height=0), pn.Spacer(width=0, height=0)
+        width = pmui.BreakpointSwitcher(breakpoint="md", small=narrow, large=wide, width=0, height=0)
+
+        def fit(event: Any) -> None:
+            small = event.new is narrow
+            # Changes made while the page still loads never reach it: after the load, then.
+            pn.state.onload(lambda: page.param.update(sidebar_variant="temporary" if small else "persistent",
+                                                      sidebar_open=not small))
+
+        width.param.watch(fit, "current")
+        page.param.watch(lambda event: self._follow_theme(event.new), "dark_theme")
+        self._follow_theme(page.dark_theme)
+        light.greeting.objects = [self._welcome_back()]
+        light.header.objects = [self.picker, pn.HSpacer(), self._user_badge(), width]
+        light.main.objects = [self.banner, self.confirm, self.tabs]
+        pn.state.onload(self._resend)
 
     def _resend(self) -> None:
         """Once the page has loaded, send it the state again: Panel drops what changed while it was loading
@@ -243,12 +253,48 @@ def served() -> bool:
     return doc is not None and doc.session_context is not None
 
 
-def create_app(backend: LocalBackend | RemoteBackend) -> Dashboard:
-    """A fresh dashboard for this session over ``backend`` (what ``pn.serve`` calls for each page): the
-    logged-in user's, or on an open loopback server the account that runs it (the only one who can reach it)."""
+@dataclass
+class LightPage:
+    """A session's page before its dashboard: the GPU gauge in the sidebar, a spinner in the main area, and
+    the places the dashboard fills (``fill``). The page's own lists never change after it is drawn, only
+    these places' contents: Material's page draws all its parts anew when one of its lists changes, and a
+    Bokeh plot drawn anew fails to lay out ("reading 'top_panel'")."""
+
+    page: pmui.Page
+    header: pn.Row
+    greeting: pn.Column
+    main: pn.Column
+
+    @classmethod
+    def around(cls, gauge: GpuGauge) -> LightPage:
+        header = pn.Row(sizing_mode="stretch_width", margin=0)
+        greeting = pn.Column(sizing_mode="stretch_width", margin=0)
+        main = pn.Column(pmui.LoadingSpinner(value=True, size=40, margin=40), sizing_mode="stretch_both", margin=0)
+        page = pmui.Page(title="smartswitch", header=[header], main=[main], sidebar_width=330, theme_toggle=True,
+                         sidebar=[pn.Column(greeting, gauge, sizing_mode="stretch_width")])
+        pn.state.on_session_destroyed(forget_session(page))
+        return cls(page, header, greeting, main)
+
+
+def served_page(backend: LocalBackend | RemoteBackend, user: str) -> pmui.Page:
+    """A browser session's page. It leaves light (the header, the GPU gauge, a spinner); the dashboard is made
+    and fills it once the browser has loaded it. A page view no browser follows (a link preview, a scanner)
+    builds no dashboard, and the status the API answers meanwhile waits less."""
+    gauge = GpuGauge(state=DashboardState())
+    gauge.state.apply(backend.status())
+    light = LightPage.around(gauge)
+    pn.state.onload(lambda: Dashboard(backend, user=user, gauge=gauge).fill(light))
+    return light.page
+
+
+def create_app(backend: LocalBackend | RemoteBackend) -> pmui.Page:
+    """This session's page over ``backend`` (what ``pn.serve`` calls for each page load): the logged-in
+    user's dashboard, or on an open loopback server that of the account that runs it (the only one who can
+    reach it)."""
     pn.config.notifications = True  # refusals (switches per minute) show as a toast
     pn.config.design = MaterialDesign  # this session's Panel widgets (tables, panes) in Material's look
-    return Dashboard(backend, user=pn.state.user or local_user())
+    pn.extension("tabulator")  # the manager's table comes after the page: its code must be in it already
+    return served_page(backend, pn.state.user or local_user())
 
 
 def local_user() -> str:

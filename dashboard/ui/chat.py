@@ -141,7 +141,10 @@ class ChatPanel(pn.viewable.Viewer):
         self.empty = LiveHTML(object=self._empty_text, css_classes=["chat-empty"], sizing_mode="stretch_width",
                                   styles={"color": "#687080", "text-align": "center", "font-size": "15px"})
         self.chat.param.watch(lambda event: setattr(self.empty, "visible", not event.new), "objects")
-        self._layout = pn.Column(pn.Row(self.picker, self.new_button, self.clear_button, sizing_mode="stretch_width"),
+        # Wraps on a narrow screen: New and Clear stay in reach at 420 px.
+        bar = pn.FlexBox(self.picker, self.new_button, self.clear_button, flex_wrap="wrap", align_items="center",
+                         sizing_mode="stretch_width")
+        self._layout = pn.Column(bar,
                                  self.empty, self.chat, sizing_mode="stretch_width")
         self._conversation: int | None = None  # what the feed shows
         self._shown: list[int] = []  # the ids of the feed's messages, in its order

@@ -62,12 +62,8 @@ class ModelManager(pn.viewable.Viewer):
         self._act = act
         self._load_history = load_history
         loads = self._load_history()
-        self._table = pn.widgets.Tabulator(
-            self._frame(loads), disabled=True, show_index=False, selectable=False, sizing_mode="stretch_width",
-            css_classes=["model-table"], hidden_columns=["id", "error"], layout="fit_data_stretch",
-            titles={f"act_{a}": "" for a in ACTIONS}, stylesheets=[ACTION_CSS], theme="simple",
-            configuration={"columnDefaults": {"headerSort": False, "tooltip": True}})
-        self._table.on_click(self._clicked)
+        self._table = self._new_table(self._frame(loads))
+        self._slot = pn.Column(self._table, sizing_mode="stretch_width", margin=0)
         self._message = kit.alert("manager-message", visible=False, sizing_mode="stretch_width")
         self._busy = False
         self._plotted = newest_load(loads)
@@ -75,6 +71,15 @@ class ModelManager(pn.viewable.Viewer):
         self._plot_pane = pn.pane.Bokeh(self._plot(), sizing_mode="stretch_width")
         self.state.param.watch(self._refresh, "models")
         self.param.watch(self._refresh, "shown")
+
+    def _new_table(self, frame: pd.DataFrame) -> pn.widgets.Tabulator:
+        table = pn.widgets.Tabulator(
+            frame, disabled=True, show_index=False, selectable=False, sizing_mode="stretch_width",
+            css_classes=["model-table"], hidden_columns=["id", "error"], layout="fit_data_stretch",
+            titles={f"act_{a}": "" for a in ACTIONS}, stylesheets=[ACTION_CSS], theme="simple",
+            configuration={"columnDefaults": {"headerSort": False, "tooltip": True}})
+        table.on_click(self._clicked)
+        return table
 
     def _frame(self, loads: list[dict[str, Any]]) -> pd.DataFrame:
         history: dict[str, float] = {}
@@ -99,14 +104,19 @@ class ModelManager(pn.viewable.Viewer):
             })
         return pd.DataFrame(rows)
 
-    def _refresh(self, *_: Any) -> None:
-        # A hidden tab's table is not rebuilt on every change (Tabulator also fails on data sent to a table
-        # it has not drawn yet): opening the tab brings it up to date.
+    def _refresh(self, event: param.parameterized.Event | None = None) -> None:
+        # A hidden tab's table is not kept current. Opening the tab brings a new table, made with the data
+        # of now: data sent to a table not drawn yet (the tab opened by the same message, as "Open model
+        # manager" does) can be lost, a table's first data cannot.
         if not self.shown:
             return
         loads = self._load_history()
         frame = self._frame(loads)
-        if not frame.equals(self._table.value):
+        if event is not None and event.name == "shown":
+            if not frame.equals(self._table.value):
+                self._table = self._new_table(frame)
+                self._slot.objects = [self._table]
+        elif not frame.equals(self._table.value):
             self._table.value = frame
         newest = newest_load(loads)
         if newest != self._plotted:  # a data patch on a new load: far cheaper than a new figure
@@ -159,4 +169,4 @@ class ModelManager(pn.viewable.Viewer):
         self.kit.set_alert(self._message, text, severity)
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.Column(self._table, self._message, self._plot_pane, sizing_mode="stretch_width")
+        return pn.Column(self._slot, self._message, self._plot_pane, sizing_mode="stretch_width")
