@@ -6,6 +6,7 @@ would: when its process was spawned (from /proc) and when its /health first answ
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import os
 import re
@@ -89,7 +90,8 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         (root / "catalog.toml").write_text(catalog)
-        self.log = open(root / "server.log", "wb")  # noqa: SIM115 - open as long as the server runs
+        self.log_path = root / "server.log"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - open as long as the server runs
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dashboard.cli", "serve", "--config", str(root / "catalog.toml"),
              "--port", str(self.port), "--data-dir", str(self.data_dir)],
@@ -112,6 +114,18 @@ class ServerProcess:
 
     def status(self) -> dict[str, Any]:
         return self.client.status()
+
+    def became_running_at(self, model_id: str) -> float | None:
+        """When the server last logged ``model_id`` becoming running (wall clock, to the millisecond): the
+        moment itself, where a status poll sees it only once the server has time to answer."""
+        self.log.flush()
+        pattern = re.compile(rf"^(\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}}) INFO \S+: {re.escape(model_id)}: "
+                             r"\w+ -> running ")
+        stamps = [m.group(1) for line in self.log_path.read_text(errors="replace").splitlines()
+                  if (m := pattern.match(line))]
+        if not stamps:
+            return None
+        return datetime.datetime.strptime(stamps[-1], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # the server's local time
 
     def stop(self) -> None:
         self.client.close()
