@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_MS = 2000  # the memory plot's sampling when events do the rest
 REMOTE_POLL_MS = 500  # a remote server's sessions have no events: they poll
 CONFIRM_PAST = 50  # a switch this far along asks before it is replaced
+GATHER_S = 0.01  # the orchestrator's steps this close together reach a page in one refresh
 NOTEBOOK_HEIGHT = 760  # inline: the chat shows without an inner scroll
 TABS = ("Chat", "Models", "Activity")
 
@@ -76,7 +77,7 @@ class Dashboard(pn.viewable.Viewer):
         self._show_picker()
         self._callback: Any = None
         self._unsubscribe: Any = None
-        self._refresh_in_session = SoonInSession(self.refresh)
+        self._refresh_in_session = SoonInSession(self.refresh, gather_s=GATHER_S)
 
     # State -> views ---------------------------------------------------------------------------
     def _show_picker(self, *_: Any) -> None:

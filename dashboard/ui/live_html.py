@@ -29,6 +29,7 @@ class LiveHTML(JSComponent):
     _esm = """
 export function render({ model, el }) {
   const box = document.createElement("div");
+  box.className = "live-html";
   const draw = () => { box.innerHTML = model.object; };
   box.addEventListener("click", (event) => {
     const button = event.target.closest("[data-action]");

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -14,10 +15,15 @@ class SoonInSession:
     Through the document's next-tick callback: Bokeh's one thread-safe way in. It runs holding the document's
     lock, as Panel's own callbacks do, so what it changes reaches the browser (changed from a plain loop
     callback, it would stay on the server).
+
+    With ``gather_s``, asks made on a loop wait that long first, so that steps the loop takes right after
+    one another reach the page together: an engine answering and its switch ending (a few ms later) make
+    one refresh, not two that would each hold the GIL while the switch tries to end.
     """
 
-    def __init__(self, action: Callable[[], Any]) -> None:
+    def __init__(self, action: Callable[[], Any], gather_s: float = 0.0) -> None:
         self.action = action
+        self.gather_s = gather_s
         self.doc: Any = None  # the session's document, once the view is in one
         self._pending = False
 
@@ -31,10 +37,19 @@ class SoonInSession:
             self._pending = False
             with set_curdoc(doc):
                 self.action()
-        try:
-            doc.add_next_tick_callback(run)
-        except Exception:  # the session is gone (its unsubscribe is on its way)
-            self._pending = False
+
+        def schedule() -> None:
+            try:
+                doc.add_next_tick_callback(run)
+            except Exception:  # the session is gone (its unsubscribe is on its way)
+                self._pending = False
+        if self.gather_s:
+            try:  # asked on a loop (the orchestrator's): what that loop does next joins this call
+                asyncio.get_running_loop().call_later(self.gather_s, schedule)
+                return
+            except RuntimeError:  # asked from a plain thread: at once
+                pass
+        schedule()
 
 
 def forget_session(page: Any) -> Callable[[Any], None]:
