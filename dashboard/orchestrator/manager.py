@@ -134,8 +134,16 @@ class ModelManager(TrafficControl):
             await self.drain(state, cause, to_sleep=True)
             if state.engine is None:
                 return
-            await state.engine.sleep(1)
-            self.transition(state, S.SLEEPING, cause)
+            # Shielded, and waited for when cancelled: the engine goes to sleep once asked, and a rollback must
+            # find it sleeping (to wake it), not serving in our eyes while it sleeps.
+            sleeping = asyncio.ensure_future(state.engine.sleep(1))
+            try:
+                await asyncio.shield(sleeping)
+            finally:
+                if not sleeping.done():
+                    await asyncio.wait({sleeping})
+                if not sleeping.cancelled() and sleeping.exception() is None:
+                    self.transition(state, S.SLEEPING, cause)
         finally:
             self.end_drain([state.id])
         await self.refresh_gpu()

@@ -40,6 +40,8 @@ class FakeEngine(Engine):
         self.killed = False
         self.stop_gate = asyncio.Event()
         self.stop_gate.set()
+        self.sleep_gate = asyncio.Event()  # clear it to hold the answer to a sleep (the engine sleeps at once)
+        self.sleep_gate.set()
 
     @property
     def ref(self) -> str:
@@ -75,6 +77,7 @@ class FakeEngine(Engine):
 
     async def sleep(self, level: int = 1) -> None:
         self.asleep = True
+        await self.sleep_gate.wait()
 
     async def wake(self) -> None:
         if self.spec.id in self.factory.fail_wake:

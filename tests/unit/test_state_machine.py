@@ -548,3 +548,45 @@ async def test_shutdown_ends_queued_requests_with_the_reason(tmp_path: Path) -> 
     with pytest.raises(ModelUnavailable, match="shutting down"):
         await waiting
     h.history.close()
+
+
+# A cancel while a victim goes to sleep ------------------------------------------------------------
+SLEEPY = """
+[gpu]
+source = "virtual"
+total_gb = 100
+
+[switching]
+host_ram_gb = 100
+
+[models.sleepy]
+name = "Sleepy"
+size_gb = 60
+gpu_memory_gb = 60
+sleep = true
+
+[models.other]
+name = "Other"
+size_gb = 60
+gpu_memory_gb = 60
+"""
+
+
+async def test_a_cancel_while_a_victim_goes_to_sleep_wakes_it_back(tmp_path: Path) -> None:
+    h = await Harness(tmp_path, SLEEPY).start()
+    try:
+        await h.bring_up("sleepy")
+        engine = h.orch.models["sleepy"].engine
+        engine.sleep_gate.clear()  # the engine sleeps at once; its answer is held
+        switch_id = await h.orch.switch("other", "test")
+        await h.until(lambda: engine.asleep, "the victim asked to sleep")
+        cancel = asyncio.ensure_future(h.orch.cancel("test"))
+        engine.sleep_gate.set()
+        assert await cancel
+        await h.until(lambda: h.orch.op is None, "the rollback to end")
+        assert isinstance(h.terminal(switch_id), CancelledEvent)
+        # Known asleep when the cancel came, so the rollback woke it: it serves, and is awake.
+        assert h.status("sleepy") == "running" and not engine.asleep
+        assert h.orch.active == "sleepy"
+    finally:
+        await h.close()
